@@ -1,0 +1,1 @@
+"""jaxsd: a readable, exact and fast JAX implementation of Stable Diffusion."""
