@@ -1,1 +1,14 @@
-"""jaxsd: a readable, exact and fast JAX implementation of Stable Diffusion."""
+"""jaxsd: a readable, exact and fast JAX implementation of Stable Diffusion.
+
+Read the modules in this order:
+
+    checkpoint.py   reading diffusers/transformers folders (safetensors) without torch
+    convert.py      every rename from PyTorch keys to our parameter paths, as tables
+    tokenizer.py    prompts -> CLIP token ids
+    clip.py         the CLIP text encoder: token ids -> 77 x D embeddings
+    layers.py       GroupNorm, ResNet blocks, up/downsampling, attention (shared by VAE and UNet)
+"""
+from jaxsd.clip import CLIPTextConfig, CLIPTextModel, load_clip_text
+from jaxsd.tokenizer import load_tokenizer, tokenize
+
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "load_clip_text", "load_tokenizer", "tokenize"]

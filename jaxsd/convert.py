@@ -3,7 +3,7 @@
 Every rename jaxsd makes lives in this module, as tables of rows
 
     (reference key template,                           our parameter path template,        layout)
-    ("text_model.encoder.layers.{i}.mlp.fc1.weight",   "layers_{i}/mlp/fc1/kernel",         LINEAR)
+    ("encoder.layers.{i}.mlp.fc1.weight",              "layers_{i}/mlp/fc1/kernel",         LINEAR)
 
 A ``{name}`` placeholder matches one dot-free (reference) or slash-free (ours) path segment
 and carries the same text across. The layout says how the tensor changes on the way:
@@ -59,6 +59,10 @@ class Table:
     rows: tuple[tuple[str, str, Layout], ...]
     # Reference keys that are known and deliberately not converted: (template, reason).
     ignore: tuple[tuple[str, str], ...] = ()
+    # A prefix some checkpoints put before every key (transformers < 5 saved CLIPTextModel's
+    # keys as "text_model.<key>", transformers 5 saves "<key>"); stripped before matching, and
+    # written by to_reference, since every loader reads that form.
+    prefix: str = ""
     _compiled: list = field(default=None, init=False, repr=False, compare=False)
 
     def compiled(self):
@@ -136,9 +140,10 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
     ignored = [(_template_regex(t, "."), reason) for t, reason in table.ignore]
     params, seen, unexpected, mismatched, ambiguous = {}, set(), [], [], []
     for key in state_dict:
-        hits = _match(compiled, key, 0)
+        bare = key[len(table.prefix):] if table.prefix and key.startswith(table.prefix) else key
+        hits = _match(compiled, bare, 0)
         if not hits:
-            if not any(regex.match(key) for regex, _ in ignored):
+            if not any(regex.match(bare) for regex, _ in ignored):
                 unexpected.append(key)
             continue
         if len(hits) > 1:
@@ -179,7 +184,7 @@ def to_reference(params: Mapping, table: Table) -> dict:
         if len(hits) != 1:
             raise ConversionError(f"parameter {path} is matched by {len(hits)} table rows, need 1")
         key, layout, _ = hits[0]
-        state[key] = np.ascontiguousarray(layout.to_reference(np.asarray(leaf)))
+        state[table.prefix + key] = np.ascontiguousarray(layout.to_reference(np.asarray(leaf)))
     return state
 
 
@@ -188,23 +193,24 @@ def to_reference(params: Mapping, table: Table) -> dict:
 
 CLIP_TEXT = Table(
     rows=(
-        ("text_model.embeddings.token_embedding.weight", "token_embedding/embedding", COPY),
-        ("text_model.embeddings.position_embedding.weight", "position_embedding", COPY),
+        ("embeddings.token_embedding.weight", "token_embedding/embedding", COPY),
+        ("embeddings.position_embedding.weight", "position_embedding", COPY),
         *(
-            (f"text_model.encoder.layers.{{i}}.{theirs}.{p}", f"layers_{{i}}/{ours}/{q}", layout)
+            (f"encoder.layers.{{i}}.{theirs}.{p}", f"layers_{{i}}/{ours}/{q}", layout)
             for theirs, ours in (("self_attn.q_proj", "attn/query"), ("self_attn.k_proj", "attn/key"),
                                  ("self_attn.v_proj", "attn/value"), ("self_attn.out_proj", "attn/out"),
                                  ("mlp.fc1", "mlp/fc1"), ("mlp.fc2", "mlp/fc2"))
             for p, q, layout in (("weight", "kernel", LINEAR), ("bias", "bias", COPY))
         ),
         *(
-            (f"text_model.{theirs}.{p}", f"{ours}/{q}", COPY)
+            (f"{theirs}.{p}", f"{ours}/{q}", COPY)
             for theirs, ours in (("encoder.layers.{i}.layer_norm1", "layers_{i}/norm1"),
                                  ("encoder.layers.{i}.layer_norm2", "layers_{i}/norm2"),
                                  ("final_layer_norm", "final_norm"))
             for p, q in (("weight", "scale"), ("bias", "bias"))
         ),
     ),
-    ignore=(("text_model.embeddings.position_ids",
+    ignore=(("embeddings.position_ids",
              "a constant buffer arange(max_position_embeddings) that older transformers saved"),),
+    prefix="text_model.",
 )
