@@ -8,6 +8,8 @@ Read the modules in this order:
     clip.py         the CLIP text encoder: token ids -> 77 x D embeddings
     layers.py       GroupNorm, ResNet blocks, up/downsampling, attention (shared by VAE and UNet)
 """
+__version__ = "0.1.0"
+
 from jaxsd.clip import CLIPTextConfig, CLIPTextModel, load_clip_text
 from jaxsd.tokenizer import load_tokenizer, tokenize
 

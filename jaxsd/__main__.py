@@ -1,0 +1,5 @@
+import sys
+
+from jaxsd.cli import main
+
+sys.exit(main())
