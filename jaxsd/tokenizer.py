@@ -55,7 +55,7 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None)
     max_length = max_length or tokenizer.model_max_length
     ids = tokenizer(list(prompts), padding="max_length", max_length=max_length,
                     truncation=True).input_ids
-    full = tokenizer(list(prompts)).input_ids  # unpadded, untruncated
+    full = tokenizer(list(prompts), verbose=False).input_ids  # unpadded, untruncated; we warn below
     for prompt_ids, untruncated in zip(ids, full):
         if len(untruncated) > max_length:
             # Everything between the kept tokens and the final <|endoftext|> was dropped.
