@@ -142,3 +142,14 @@ def test_img2img_matches_diffusers(name):
                        for i in range(len(plan.timesteps))])
     ref = diffusers_img2img(name, CONFIGS["sd1"], num_steps, strength, init, LATENTS, noises)
     np.testing.assert_allclose(out, ref, rtol=0, atol=3e-5 * max(1.0, np.abs(ref).max()))
+
+
+def test_first_step_for_strength_is_diffusers_get_timesteps():
+    euler = sampling.make_plan("euler", 50, SD1_CONFIG)
+    heun = sampling.make_plan("heun", 50, SD1_CONFIG)
+    # diffusers: int(50 * 0.58) = int(28.999999999999996) = 28 kept steps, t_start = 22
+    assert sampling.first_step_for_strength(euler, 50, 0.58) == 22
+    assert sampling.first_step_for_strength(heun, 50, 0.58) == 44  # times scheduler.order = 2
+    assert sampling.first_step_for_strength(euler, 50, 1.0) == 0
+    # the traced float32 version is one step off here (documented)
+    assert int(sampling.first_step_for_strength(euler, 50, jnp.float32(0.58))) == 21
