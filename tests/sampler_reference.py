@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 import numpy as np
 import torch
@@ -65,15 +63,8 @@ def torch_model(x, t):
 
 
 def _scheduler_class(cls_name):
-    """The diffusers class; DPMSolverSDEScheduler is loaded with a stand-in `torchsde` module
-    when torchsde is not installed: its Brownian tree is replaced by injected noise anyway."""
-    if cls_name == "DPMSolverSDEScheduler":
-        try:
-            import torchsde  # noqa: F401
-        except ImportError:
-            sys.modules["torchsde"] = types.ModuleType("torchsde")
-        module = importlib.import_module("diffusers.schedulers.scheduling_dpmsolver_sde")
-        return module.DPMSolverSDEScheduler
+    """The diffusers class (DPMSolverSDEScheduler needs torchsde, in the test extra; its
+    Brownian-tree noise is replaced by injected noise in diffusers_loop)."""
     return getattr(diffusers, cls_name)
 
 
