@@ -59,14 +59,19 @@ class Table:
     rows: tuple[tuple[str, str, Layout], ...]
     # Reference keys that are known and deliberately not converted: (template, reason).
     ignore: tuple[tuple[str, str], ...] = ()
+    # Older reference names for the same parameters, still found in published checkpoints:
+    # read by :func:`convert`, never written by :func:`to_reference` (which writes ``rows``).
+    legacy_rows: tuple[tuple[str, str, Layout], ...] = ()
     _compiled: list = field(default=None, init=False, repr=False, compare=False)
 
-    def compiled(self):
+    def compiled(self, legacy: bool = True):
         if self._compiled is None:
             object.__setattr__(self, "_compiled", [
-                (_template_regex(theirs, "."), _template_regex(ours, "/"), theirs, ours, layout)
-                for theirs, ours, layout in self.rows])
-        return self._compiled
+                (_template_regex(theirs, "."), _template_regex(ours, "/"), theirs, ours, layout,
+                 is_legacy)
+                for rows, is_legacy in ((self.rows, False), (self.legacy_rows, True))
+                for theirs, ours, layout in rows])
+        return [row for row in self._compiled if legacy or not row[5]]
 
 
 def _template_regex(template: str, separator: str) -> re.Pattern:
@@ -134,7 +139,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
     """
     compiled = table.compiled()
     ignored = [(_template_regex(t, "."), reason) for t, reason in table.ignore]
-    params, seen, unexpected, mismatched, ambiguous = {}, set(), [], [], []
+    params, seen, unexpected, mismatched, ambiguous, duplicated = {}, set(), [], [], [], []
     for key in state_dict:
         hits = _match(compiled, key, 0)
         if not hits:
@@ -147,6 +152,9 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
         path, layout, _ = hits[0]
         if path not in shapes:
             unexpected.append(f"{key} (would be {path}, which this model does not have)")
+            continue
+        if path in seen:
+            duplicated.append(f"{key} -> {path}, which another key of the checkpoint already gave")
             continue
         seen.add(path)
         array = layout.to_ours(state_dict[key])
@@ -162,6 +170,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
     for title, items in (("missing (the model needs them, the checkpoint lacks them)", missing),
                          ("unexpected (in the checkpoint, unknown to the model)", unexpected),
                          ("with the wrong shape", mismatched),
+                         ("for a parameter another key already gave (e.g. an old and a new name)", duplicated),
                          ("matched by several table rows (a bug in jaxsd's table)", ambiguous)):
         if items:
             problems.append(f"{len(items)} key(s) {title}:\n  " + "\n  ".join(items))
@@ -172,7 +181,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
 
 def to_reference(params: Mapping, table: Table) -> dict:
     """Our nested parameters -> reference state dict of NumPy arrays (for saving checkpoints)."""
-    compiled = table.compiled()
+    compiled = table.compiled(legacy=False)
     state = {}
     for path, leaf in flatten(params).items():
         hits = _match(compiled, path, 1)
