@@ -139,7 +139,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
     """
     compiled = table.compiled()
     ignored = [(_template_regex(t, "."), reason) for t, reason in table.ignore]
-    params, seen, unexpected, mismatched, ambiguous, duplicated = {}, set(), [], [], [], []
+    params, seen, unexpected, mismatched, ambiguous, duplicated = {}, {}, [], [], [], []
     for key in state_dict:
         hits = _match(compiled, key, 0)
         if not hits:
@@ -154,9 +154,9 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
             unexpected.append(f"{key} (would be {path}, which this model does not have)")
             continue
         if path in seen:
-            duplicated.append(f"{key} -> {path}, which another key of the checkpoint already gave")
+            duplicated.append(f"{key} -> {path}, which {seen[path]} already gave")
             continue
-        seen.add(path)
+        seen[path] = key
         array = layout.to_ours(state_dict[key])
         if tuple(array.shape) != tuple(shapes[path]):
             mismatched.append(f"{key} -> {path}: checkpoint {tuple(array.shape)} "
@@ -165,7 +165,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
         if dtype is not None and is_floating(array.dtype):
             array = array.astype(dtype)
         params[path] = jnp.asarray(array)
-    missing = sorted(set(shapes) - seen)
+    missing = sorted(set(shapes) - set(seen))
     problems = []
     for title, items in (("missing (the model needs them, the checkpoint lacks them)", missing),
                          ("unexpected (in the checkpoint, unknown to the model)", unexpected),

@@ -18,6 +18,7 @@ Matches ``diffusers.AutoencoderKL`` (checked in ``tests/test_vae.py``); see ``do
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, NamedTuple
@@ -285,18 +286,28 @@ def image_to_latents(model: AutoencoderKL, params, image, key: jax.Array | None 
     """
     pixels = _as_uint8_batch(image, model.config.in_channels)
     x = 2.0 * (pixels.astype(np.float32) / 255.0) - 1.0   # [0, 255] -> [-1, 1], as diffusers
-    posterior = model.apply({"params": params}, jnp.asarray(x), method=model.encode)
-    z = posterior.mode() if key is None else posterior.sample(key)
-    cfg = model.config
-    return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+    return _encode_scaled(model, params, x, key)
 
 
 def latents_to_image(model: AutoencoderKL, params, latents) -> np.ndarray:
     """Scaled latents [B, h, w, C] -> uint8 images [B, h*f, w*f, 3] (diffusers' decode + postprocess)."""
+    return np.asarray(_decode_scaled(model, params, jnp.asarray(latents))).astype(np.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # compiled once per model config, dtype and shape
+def _encode_scaled(model: AutoencoderKL, params, x_BHWC, key):
     cfg = model.config
-    z = jnp.asarray(latents) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-    x = np.asarray(model.apply({"params": params}, z, method=model.decode))
-    return (np.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255).round().astype(np.uint8)
+    posterior = model.apply({"params": params}, x_BHWC, method=model.encode)
+    z = posterior.mode() if key is None else posterior.sample(key)
+    return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_scaled(model: AutoencoderKL, params, latents_BhwC):
+    cfg = model.config
+    z = latents_BhwC / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+    x = model.apply({"params": params}, z, method=model.decode)
+    return jnp.round(jnp.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255)   # [-1, 1] -> [0, 255], as diffusers
 
 
 def _as_uint8_batch(image, channels: int) -> np.ndarray:
@@ -318,9 +329,7 @@ def _as_uint8_batch(image, channels: int) -> np.ndarray:
             raise ValueError(f"image has dtype {image.dtype} with values in [{low}, {high}]; "
                              f"pixels must lie in [0, 255] (uint8)")
         image = image.astype(np.uint8)
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[-1] != channels:
+    if image.ndim not in (3, 4) or image.shape[-1] != channels:
         raise ValueError(f"image must be [height, width, {channels}] or [batch, height, width, "
                          f"{channels}] (channels last); got shape {image.shape}")
-    return image
+    return image if image.ndim == 4 else image[None]
