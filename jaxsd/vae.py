@@ -99,7 +99,7 @@ TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_g
 
 
 class DiagonalGaussian(NamedTuple):
-    """q(z|x) = N(mean, exp(logvar)) per latent element (Kingma & Welling, 2014, sec. 2.4)."""
+    """The encoder's posterior q(z|x) = N(mean, diag(exp(logvar))), one Gaussian per latent element."""
     mean: jax.Array     # [B, h, w, latent_channels], float32
     logvar: jax.Array   # [B, h, w, latent_channels], float32, clamped to [-30, 20] as diffusers
 
@@ -108,7 +108,7 @@ class DiagonalGaussian(NamedTuple):
         return jnp.exp(0.5 * self.logvar)  # sigma = exp(log(sigma^2) / 2)
 
     def sample(self, key: jax.Array) -> jax.Array:
-        """z = mean + std * eps, eps ~ N(0, I) (the reparameterisation trick)."""
+        """z = mean + std * eps, eps ~ N(0, I) (reparameterisation, Kingma & Welling, 2014, sec. 2.4)."""
         return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
 
     def mode(self) -> jax.Array:
@@ -211,9 +211,8 @@ class AutoencoderKL(nn.Module):
     def encode(self, images_BHWC) -> DiagonalGaussian:
         """images [B, H, W, in_channels], floats in [-1, 1]; H and W multiples of downsample_factor."""
         cfg = self.config
-        _check_input("images", images_BHWC, cfg.in_channels, "in_channels",
-                     multiple_of=cfg.downsample_factor, hint=(
-                         "Scale uint8 pixels p to p / 127.5 - 1, or use jaxsd.vae.image_to_latents"))
+        _check_input("images", images_BHWC, cfg.in_channels, "in_channels", cfg.downsample_factor,
+                     dtype_hint="Scale uint8 pixels p to p / 127.5 - 1, or use jaxsd.vae.image_to_latents")
         moments = self.encoder(images_BHWC.astype(self.dtype))
         if cfg.use_quant_conv:
             moments = self.quant_conv(moments)
@@ -221,11 +220,13 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(mean, jnp.clip(logvar, -30.0, 20.0))
 
     def decode(self, latents_BhwC) -> jax.Array:
-        """latents [B, h, w, latent_channels], *unscaled* -> images [B, h*f, w*f, out_channels], float32, unclipped."""
+        """latents [B, h, w, latent_channels] -> images [B, h*f, w*f, out_channels], float32, unclipped.
+
+        The latents are the VAE's own (unscaled): divide the diffusion model's by scaling_factor
+        first (and add shift_factor), or use :func:`latents_to_image`.
+        """
         cfg = self.config
-        _check_input("latents", latents_BhwC, cfg.latent_channels, "latent_channels", hint=(
-            "If these latents come from the diffusion model, divide by scaling_factor first, "
-            "or use jaxsd.vae.latents_to_image"))
+        _check_input("latents", latents_BhwC, cfg.latent_channels, "latent_channels")
         z = latents_BhwC.astype(self.dtype)
         if cfg.use_post_quant_conv:
             z = self.post_quant_conv(z)
@@ -236,22 +237,21 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.encode(images_BHWC).mode())
 
 
-def _check_input(name, x, channels, channels_field, multiple_of=1, hint=""):
+def _check_input(name, x, channels, channels_field, multiple_of=1, dtype_hint=""):
     """Shape and dtype errors that name the argument, what it got and what it needs."""
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 4:
         raise ValueError(f"{name} must be a 4-D NHWC array [batch, height, width, {channels}]; got shape {shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating array; got dtype {x.dtype}. {hint}")
+        raise ValueError(f"{name} must be a floating array; got dtype {x.dtype}. {dtype_hint}".rstrip())
     B, H, W, C = shape
     if C != channels:
         raise ValueError(f"{name} has {C} channels (last axis of shape {tuple(shape)}); this VAE takes "
-                         f"{channels_field}={channels}. jaxsd is NHWC: [batch, height, width, channels]. "
-                         f"{hint if name == 'latents' else ''}".rstrip())
+                         f"{channels_field}={channels}. jaxsd is NHWC: [batch, height, width, channels]")
     if H % multiple_of or W % multiple_of:
+        fit = lambda n: max(multiple_of, n // multiple_of * multiple_of)
         raise ValueError(f"{name} height x width {H}x{W} must both be multiples of {multiple_of} "
-                         f"(the VAE's downsampling factor); e.g. crop or resize to "
-                         f"{H // multiple_of * multiple_of}x{W // multiple_of * multiple_of}")
+                         f"(the VAE's downsampling factor); e.g. crop or resize to {fit(H)}x{fit(W)}")
 
 
 def load_vae(folder: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None,
