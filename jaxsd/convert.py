@@ -16,6 +16,8 @@ and carries the same text across. The layout says how the tensor changes on the 
 module, and raises one :class:`ConversionError` that lists every missing key, every unexpected
 key and every shape mismatch. Nothing is dropped silently: keys a table deliberately skips
 (buffers such as CLIP's ``position_ids``) are listed in the table's ``ignore`` with a reason.
+Old reference names that published checkpoints still carry (the SD 1.x VAE's attention
+``query``/``key``/``value``/``proj_attn``) are the table's ``legacy_rows``: read, never written.
 
 The per-model tables (CLIP text encoder, VAE, UNet) follow the engine.
 """
