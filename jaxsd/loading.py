@@ -163,10 +163,50 @@ def download(repo_id: str, *, revision: str | None = None, variant: str | None =
 
 def load_single_file(path: str | os.PathLike, dtype=jnp.float32, *, allow_pickle: bool = False,
                      overrides: dict | None = None) -> Components:
-    """An original single-file checkpoint, split into diffusers-keyed components by jaxsd.single_file."""
-    from jaxsd import single_file  # noqa: F401  (lands with the single-file issue)
+    """An original single-file checkpoint, split into diffusers-keyed components by jaxsd.single_file.
 
-    raise NotImplementedError("single-file checkpoints are wired once jaxsd.single_file lands")
+    :param overrides: ``prediction_type``, ``upcast_attention``, ``image_size`` (see
+        :func:`jaxsd.single_file.read_single_file`), and ``unet_config``, ``vae_config``,
+        ``text_encoder_config``: dicts merged into the inferred configs, for what the tensors do
+        not show (head counts, GroupNorm groups).
+    """
+    from jaxsd import convert
+    from jaxsd.clip import CLIPTextConfig, CLIPTextModel
+    from jaxsd.single_file import read_single_file
+    from jaxsd.tokenizer import BUILTIN_VOCABULARY
+    from jaxsd.unet import UNet, UNetConfig
+    from jaxsd.vae import AutoencoderKL, VAEConfig
+    from transformers import CLIPTokenizer
+
+    overrides = dict(overrides or {})
+    merge = {name: overrides.pop(f"{name}_config", None) or {} for name in ("unet", "vae", "text_encoder")}
+    known = ("prediction_type", "upcast_attention", "image_size")
+    if set(overrides) - set(known):
+        raise ValueError(f"unknown single-file overrides {sorted(set(overrides) - set(known))}; "
+                         f"choose from {list(known) + [n + '_config' for n in merge]}")
+    ckpt = read_single_file(path, allow_pickle=allow_pickle, **overrides)
+    configs = {name: {**ckpt.configs[name], **merge.get(name, {})} for name in ckpt.configs}
+    what = lambda part: f"{part} of {str(path)!r}"
+
+    text_cfg = CLIPTextConfig.from_dict(configs["text_encoder"])
+    text_encoder = CLIPTextModel(text_cfg, dtype=dtype)
+    shapes = convert.expected_shapes(text_encoder, jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32))
+    text_params = convert.convert(ckpt.state_dicts["text_encoder"], convert.CLIP_TEXT, shapes,
+                                  dtype=dtype, what=what("the text encoder"))
+    unet = UNet(UNetConfig.from_diffusers(configs["unet"]), dtype=dtype)
+    unet_params = convert.convert(ckpt.state_dicts["unet"], convert.unet_table(unet.config),
+                                  convert.expected_shapes(unet, *unet.example_inputs()),
+                                  dtype=dtype, what=what("the UNet"))
+    vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"]), dtype=dtype)
+    f = vae.config.downsample_factor
+    vae_params = convert.convert(ckpt.state_dicts["vae"], convert.VAE,
+                                 convert.expected_shapes(vae, jnp.zeros((1, f, f, vae.config.in_channels))),
+                                 dtype=dtype, what=what("the VAE"))
+    # No tokenizer in the file: CLIP's vocabulary ships with jaxsd. SD 2's OpenCLIP pads with "!".
+    tokenizer = CLIPTokenizer.from_pretrained(
+        BUILTIN_VOCABULARY, **({"pad_token": "!"} if ckpt.arch.family == "sd2" else {}))
+    return Components(tokenizer, text_encoder, text_params, unet, unet_params, vae, vae_params,
+                      configs["scheduler"], str(path))
 
 
 def load(source: str | os.PathLike, dtype=jnp.float32, *, revision: str | None = None,

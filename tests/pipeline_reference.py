@@ -118,3 +118,49 @@ def torch_noise(shape_nhwc, seed: int):
     B, h, w, C = shape_nhwc
     nchw = torch.randn((B, C, h, w), generator=torch.Generator().manual_seed(seed))
     return nchw, nchw.permute(0, 2, 3, 1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Session fixtures shared by tests/test_pipeline*.py and tests/test_cli.py (import them by name).
+import pytest  # noqa: E402
+
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("sd1"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd2_folder(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("sd2"), sd2=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def inpainting_folder(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("sd1-inpainting"), inpainting=True, seed=2)
+
+
+@pytest.fixture(scope="session")
+def sd1(sd1_folder):
+    from jaxsd import StableDiffusion
+    return StableDiffusion.from_pretrained(sd1_folder)
+
+
+@pytest.fixture(scope="session")
+def sd2(sd2_folder):
+    from jaxsd import StableDiffusion
+    return StableDiffusion.from_pretrained(sd2_folder)
+
+
+def to_uint8(images_np):
+    """diffusers' output_type="np" floats -> uint8, exactly as its PIL conversion does."""
+    import numpy as np
+    return (images_np * 255).round().astype(np.uint8)
+
+
+def max_diff(a, b) -> int:
+    import numpy as np
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
