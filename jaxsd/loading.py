@@ -214,6 +214,9 @@ def load(source: str | os.PathLike, dtype=jnp.float32, *, revision: str | None =
          overrides: dict | None = None) -> Components:
     """Load every component from a folder, a Hub id or a single checkpoint file."""
     kind = classify_source(source)
+    if overrides and kind != "file":
+        raise ValueError(f"architecture overrides {sorted(overrides)} apply to single-file checkpoints "
+                         f"only; {str(source)!r} is a {kind} whose configs say what it is")
     if kind == "hub":
         folder = download(str(source), revision=revision, variant=variant)
         return load_folder(folder, dtype, variant=variant, allow_pickle=allow_pickle, source=str(source))
