@@ -54,3 +54,15 @@ def test_info(sd1_folder, capsys):
     out = capsys.readouterr().out
     assert "prediction type: epsilon" in out and "default scheduler: pndm (PNDMScheduler)" in out
     assert "architecture: custom (text width 32)" in out and "unet " in out
+
+
+def test_img2img_command(sd1_folder, tmp_path, capsys):
+    from PIL import Image
+
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(picture)
+    assert main(["img2img", str(picture), "a red cube", "--model", sd1_folder, "--steps", "2",
+                 "--strength", "0.5", "--seed", "1", "--out", str(tmp_path / "out")]) == 0
+    written = tmp_path / "out" / "00000-1.png"
+    assert f"wrote {written}" in capsys.readouterr().out
+    assert "Denoising strength: 0.5" in Image.open(written).text["parameters"]

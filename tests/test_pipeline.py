@@ -138,3 +138,24 @@ def test_sources_that_are_not_checkpoints(tmp_path):
         StableDiffusion.from_pretrained("jaxsd-tests/no-such-model")
     with pytest.raises(CheckpointError, match="neither an existing folder or file"):
         StableDiffusion.from_pretrained(str(tmp_path / "missing" / "model.safetensors"))
+
+
+def test_hub_downloads_only_the_files_jaxsd_reads():
+    from fnmatch import fnmatch
+
+    from jaxsd.loading import hub_patterns
+
+    repo = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+            "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+            "text_encoder/pytorch_model.bin", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
+            "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors", "v1-5-pruned.ckpt",
+            "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json"]
+    pick = lambda variant: sorted(f for f in repo if any(fnmatch(f, p) for p in hub_patterns(variant)))
+    assert pick("fp16") == sorted([
+        "model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+        "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
+        "vae/diffusion_pytorch_model.fp16.safetensors"])
+    assert "unet/diffusion_pytorch_model.safetensors" in pick(None)
+    assert not [f for f in pick(None) if "fp16" in f or f.endswith((".bin", ".ckpt"))]
