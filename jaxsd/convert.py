@@ -16,6 +16,8 @@ and carries the same text across. The layout says how the tensor changes on the 
 module, and raises one :class:`ConversionError` that lists every missing key, every unexpected
 key and every shape mismatch. Nothing is dropped silently: keys a table deliberately skips
 (buffers such as CLIP's ``position_ids``) are listed in the table's ``ignore`` with a reason.
+Old reference names that published checkpoints still carry (the SD 1.x VAE's attention
+``query``/``key``/``value``/``proj_attn``) are the table's ``legacy_rows``: read, never written.
 
 The per-model tables (CLIP text encoder, VAE, UNet) follow the engine.
 """
@@ -143,7 +145,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
     """
     compiled = table.compiled()
     ignored = [(_template_regex(t, "."), reason) for t, reason in table.ignore]
-    params, seen, unexpected, mismatched, ambiguous, duplicated = {}, set(), [], [], [], []
+    params, seen, unexpected, mismatched, ambiguous, duplicated = {}, {}, [], [], [], []
     for key in state_dict:
         bare = key[len(table.prefix):] if table.prefix and key.startswith(table.prefix) else key
         hits = _match(compiled, bare, 0)
@@ -159,9 +161,9 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
             unexpected.append(f"{key} (would be {path}, which this model does not have)")
             continue
         if path in seen:
-            duplicated.append(f"{key} -> {path}, which another key of the checkpoint already gave")
+            duplicated.append(f"{key} -> {path}, which {seen[path]} already gave")
             continue
-        seen.add(path)
+        seen[path] = key
         array = layout.to_ours(state_dict[key])
         if tuple(array.shape) != tuple(shapes[path]):
             mismatched.append(f"{key} -> {path}: checkpoint {tuple(array.shape)} "
@@ -170,7 +172,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
         if dtype is not None and is_floating(array.dtype):
             array = array.astype(dtype)
         params[path] = jnp.asarray(array)
-    missing = sorted(set(shapes) - seen)
+    missing = sorted(set(shapes) - set(seen))
     problems = []
     for title, items in (("missing (the model needs them, the checkpoint lacks them)", missing),
                          ("unexpected (in the checkpoint, unknown to the model)", unexpected),

@@ -18,6 +18,7 @@ Matches ``diffusers.AutoencoderKL`` (checked in ``tests/test_vae.py``); see ``do
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, NamedTuple
@@ -98,7 +99,7 @@ TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_g
 
 
 class DiagonalGaussian(NamedTuple):
-    """q(z|x) = N(mean, exp(logvar)) per latent element (Kingma & Welling, 2014, sec. 2.4)."""
+    """The encoder's posterior q(z|x) = N(mean, diag(exp(logvar))), one Gaussian per latent element."""
     mean: jax.Array     # [B, h, w, latent_channels], float32
     logvar: jax.Array   # [B, h, w, latent_channels], float32, clamped to [-30, 20] as diffusers
 
@@ -107,7 +108,7 @@ class DiagonalGaussian(NamedTuple):
         return jnp.exp(0.5 * self.logvar)  # sigma = exp(log(sigma^2) / 2)
 
     def sample(self, key: jax.Array) -> jax.Array:
-        """z = mean + std * eps, eps ~ N(0, I) (the reparameterisation trick)."""
+        """z = mean + std * eps, eps ~ N(0, I) (reparameterisation, Kingma & Welling, 2014, sec. 2.4)."""
         return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
 
     def mode(self) -> jax.Array:
@@ -210,9 +211,8 @@ class AutoencoderKL(nn.Module):
     def encode(self, images_BHWC) -> DiagonalGaussian:
         """images [B, H, W, in_channels], floats in [-1, 1]; H and W multiples of downsample_factor."""
         cfg = self.config
-        _check_input("images", images_BHWC, cfg.in_channels, "in_channels",
-                     multiple_of=cfg.downsample_factor, hint=(
-                         "Scale uint8 pixels p to p / 127.5 - 1, or use jaxsd.vae.image_to_latents"))
+        _check_input("images", images_BHWC, cfg.in_channels, "in_channels", cfg.downsample_factor,
+                     dtype_hint="Scale uint8 pixels p to p / 127.5 - 1, or use jaxsd.vae.image_to_latents")
         moments = self.encoder(images_BHWC.astype(self.dtype))
         if cfg.use_quant_conv:
             moments = self.quant_conv(moments)
@@ -220,11 +220,13 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(mean, jnp.clip(logvar, -30.0, 20.0))
 
     def decode(self, latents_BhwC) -> jax.Array:
-        """latents [B, h, w, latent_channels], *unscaled* -> images [B, h*f, w*f, out_channels], float32, unclipped."""
+        """latents [B, h, w, latent_channels] -> images [B, h*f, w*f, out_channels], float32, unclipped.
+
+        The latents are the VAE's own (unscaled): divide the diffusion model's by scaling_factor
+        first (and add shift_factor), or use :func:`latents_to_image`.
+        """
         cfg = self.config
-        _check_input("latents", latents_BhwC, cfg.latent_channels, "latent_channels", hint=(
-            "If these latents come from the diffusion model, divide by scaling_factor first, "
-            "or use jaxsd.vae.latents_to_image"))
+        _check_input("latents", latents_BhwC, cfg.latent_channels, "latent_channels")
         z = latents_BhwC.astype(self.dtype)
         if cfg.use_post_quant_conv:
             z = self.post_quant_conv(z)
@@ -235,22 +237,21 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.encode(images_BHWC).mode())
 
 
-def _check_input(name, x, channels, channels_field, multiple_of=1, hint=""):
+def _check_input(name, x, channels, channels_field, multiple_of=1, dtype_hint=""):
     """Shape and dtype errors that name the argument, what it got and what it needs."""
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 4:
         raise ValueError(f"{name} must be a 4-D NHWC array [batch, height, width, {channels}]; got shape {shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating array; got dtype {x.dtype}. {hint}")
+        raise ValueError(f"{name} must be a floating array; got dtype {x.dtype}. {dtype_hint}".rstrip())
     B, H, W, C = shape
     if C != channels:
         raise ValueError(f"{name} has {C} channels (last axis of shape {tuple(shape)}); this VAE takes "
-                         f"{channels_field}={channels}. jaxsd is NHWC: [batch, height, width, channels]. "
-                         f"{hint if name == 'latents' else ''}".rstrip())
+                         f"{channels_field}={channels}. jaxsd is NHWC: [batch, height, width, channels]")
     if H % multiple_of or W % multiple_of:
+        fit = lambda n: max(multiple_of, n // multiple_of * multiple_of)
         raise ValueError(f"{name} height x width {H}x{W} must both be multiples of {multiple_of} "
-                         f"(the VAE's downsampling factor); e.g. crop or resize to "
-                         f"{H // multiple_of * multiple_of}x{W // multiple_of * multiple_of}")
+                         f"(the VAE's downsampling factor); e.g. crop or resize to {fit(H)}x{fit(W)}")
 
 
 def load_vae(folder: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None,
@@ -285,18 +286,28 @@ def image_to_latents(model: AutoencoderKL, params, image, key: jax.Array | None 
     """
     pixels = _as_uint8_batch(image, model.config.in_channels)
     x = 2.0 * (pixels.astype(np.float32) / 255.0) - 1.0   # [0, 255] -> [-1, 1], as diffusers
-    posterior = model.apply({"params": params}, jnp.asarray(x), method=model.encode)
-    z = posterior.mode() if key is None else posterior.sample(key)
-    cfg = model.config
-    return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+    return _encode_scaled(model, params, x, key)
 
 
 def latents_to_image(model: AutoencoderKL, params, latents) -> np.ndarray:
     """Scaled latents [B, h, w, C] -> uint8 images [B, h*f, w*f, 3] (diffusers' decode + postprocess)."""
+    return np.asarray(_decode_scaled(model, params, jnp.asarray(latents))).astype(np.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # compiled once per model config, dtype and shape
+def _encode_scaled(model: AutoencoderKL, params, x_BHWC, key):
     cfg = model.config
-    z = jnp.asarray(latents) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-    x = np.asarray(model.apply({"params": params}, z, method=model.decode))
-    return (np.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255).round().astype(np.uint8)
+    posterior = model.apply({"params": params}, x_BHWC, method=model.encode)
+    z = posterior.mode() if key is None else posterior.sample(key)
+    return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_scaled(model: AutoencoderKL, params, latents_BhwC):
+    cfg = model.config
+    z = latents_BhwC / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+    x = model.apply({"params": params}, z, method=model.decode)
+    return jnp.round(jnp.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255)   # [-1, 1] -> [0, 255], as diffusers
 
 
 def _as_uint8_batch(image, channels: int) -> np.ndarray:
@@ -318,9 +329,7 @@ def _as_uint8_batch(image, channels: int) -> np.ndarray:
             raise ValueError(f"image has dtype {image.dtype} with values in [{low}, {high}]; "
                              f"pixels must lie in [0, 255] (uint8)")
         image = image.astype(np.uint8)
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[-1] != channels:
+    if image.ndim not in (3, 4) or image.shape[-1] != channels:
         raise ValueError(f"image must be [height, width, {channels}] or [batch, height, width, "
                          f"{channels}] (channels last); got shape {image.shape}")
-    return image
+    return image if image.ndim == 4 else image[None]
