@@ -1,0 +1,155 @@
+"""The sampling loop: scan == Python loop, compiled once, img2img, progress, bfloat16 models."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from sampler_reference import CONFIGS, DIFFUSERS, _scheduler_class, diffusers_loop, jax_model
+from jaxsd import sampling
+from jaxsd.schedule import SD1_CONFIG, ScheduleConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+LATENTS = np.random.default_rng(0).standard_normal((1, 4, 4, 4)).astype(np.float32)
+KEY = jax.random.key(3)
+
+
+def python_loop(name, num_steps, cfg, latents, key, eta=0.0):
+    """The same step functions driven by a Python for loop, one jitted step at a time."""
+    s = sampling.get_sampler(name)
+    plan = sampling.make_plan(name, num_steps, cfg)
+    step = jax.jit(s.step)
+    state = s.init(jnp.asarray(latents) * plan.init_noise_sigma)
+    for i in range(len(plan.timesteps)):
+        c = {k: v[i] for k, v in plan.consts.items()}
+        c["eta"] = jnp.float32(eta)
+        out = jax_model(plan.c_in[i] * state.x, plan.timesteps[i])
+        noise = sampling.step_noise(key, i, state.x.shape) if s.stochastic else None
+        state = step(state, out, c, noise)
+    return np.asarray(state.x)
+
+
+@pytest.mark.parametrize("name", sorted(sampling.SAMPLERS))
+def test_scan_equals_python_loop(name):
+    cfg = ScheduleConfig.from_config(CONFIGS["sd1"])
+    scanned = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=7,
+                              schedule=cfg, key=KEY, eta=0.5).latents
+    looped = python_loop(name, 7, cfg, LATENTS, KEY, eta=0.5)
+    np.testing.assert_allclose(scanned, looped, rtol=1e-6, atol=1e-6)
+
+
+def guided_model(x, t, cond, scale):
+    """Classifier-free guidance over a fake model, with traced extra arguments."""
+    uncond = jax_model(x, t)
+    return uncond + scale * (jax_model(x + cond, t) - uncond)
+
+
+def test_traced_arguments_do_not_recompile():
+    """Guidance scale, eta, key, the schedule's numbers and img2img's first step are traced."""
+    cond = jnp.full(LATENTS.shape, 0.1)
+    run = lambda **kw: sampling.sample(
+        guided_model, jnp.asarray(LATENTS), sampler="ddim",
+        **{"num_steps": 5, "schedule": SD1_CONFIG, "model_args": (cond, jnp.float32(7.5)),
+           **kw}).latents
+    run(eta=0.0)
+    size = sampling._sample_jit._cache_size()
+    a = run(eta=0.0, model_args=(cond, jnp.float32(3.0)))
+    b = run(eta=1.0, key=jax.random.key(7))
+    c = run(schedule=ScheduleConfig.from_config(CONFIGS["sd2_v"]))
+    d = run(init_latents=jnp.asarray(LATENTS), first_step=1)
+    e = run(init_latents=jnp.asarray(LATENTS), first_step=3)
+    assert sampling._sample_jit._cache_size() == size + 1  # only img2img added a program
+    assert not np.allclose(a, b) and not np.allclose(a, c) and not np.allclose(d, e)
+    run(num_steps=6)  # a new number of steps is a new program
+    assert sampling._sample_jit._cache_size() == size + 2
+
+
+def test_trajectory_and_progress():
+    class Counter:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Counter()
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="heun", num_steps=4,
+                          schedule=SD1_CONFIG, return_trajectory=True, progress=bar)
+    assert out.trajectory.shape == (7,) + LATENTS.shape  # 2N - 1 evaluations
+    assert bar.n == 7
+    np.testing.assert_array_equal(out.latents, out.trajectory[-1])
+
+
+def test_bfloat16_model_keeps_float32_arithmetic():
+    """The step casts model outputs to float32; a bfloat16 model must not break the schedule."""
+    bf16_model = lambda x, t: jax_model(x.astype(jnp.bfloat16), t).astype(jnp.bfloat16)
+    out = sampling.sample(bf16_model, jnp.asarray(LATENTS), sampler="euler", num_steps=10,
+                          schedule=SD1_CONFIG).latents
+    ref = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="euler", num_steps=10,
+                          schedule=SD1_CONFIG).latents
+    assert out.dtype == jnp.float32 and np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, atol=0.1)  # only the model's bf16 rounding differs
+
+
+def diffusers_img2img(name, config, num_steps, strength, init_latents, noise, step_noises):
+    """diffusers' StableDiffusionImg2ImgPipeline loop (get_timesteps, add_noise, the tail)."""
+    import torch
+
+    from sampler_reference import torch_model
+
+    cls_name, overrides = DIFFUSERS[name]
+    sched = _scheduler_class(cls_name).from_config(config, **overrides)
+    sched.set_timesteps(num_steps)
+    init_timestep = min(int(num_steps * strength), num_steps)
+    t_start = max(num_steps - init_timestep, 0)
+    timesteps = sched.timesteps[t_start * sched.order:]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(t_start * sched.order)
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
+    x = sched.add_noise(nchw(init_latents), nchw(noise), timesteps[:1])
+    import importlib
+    module = importlib.import_module(type(sched).__module__)
+    current = {}
+    saved = getattr(module, "randn_tensor", None)
+    if saved is not None:
+        module.randn_tensor = lambda *a, **k: current["noise"].clone()
+    if name == "dpmpp_sde":
+        sched.noise_sampler = lambda s, sn: current["noise"]
+    try:
+        for i, t in enumerate(timesteps):
+            current["noise"] = nchw(step_noises[t_start * sched.order + i])
+            out = torch_model(sched.scale_model_input(x, t), t)
+            x = sched.step(out, t, x).prev_sample
+    finally:
+        if saved is not None:
+            module.randn_tensor = saved
+    return x.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("name", sorted(sampling.SAMPLERS))
+def test_img2img_matches_diffusers(name):
+    """A traced first_step masks the evaluations before t_start; add_noise as diffusers'."""
+    num_steps, strength = 6, 0.6
+    rng = np.random.default_rng(1)
+    init = rng.standard_normal(LATENTS.shape).astype(np.float32)
+    cfg = ScheduleConfig.from_config(CONFIGS["sd1"])
+    plan = sampling.make_plan(name, num_steps, cfg)
+    first = sampling.first_step_for_strength(plan, num_steps, strength)
+    assert first == sampling.first_step_for_strength(plan, num_steps, jnp.float32(strength))
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=num_steps,
+                          schedule=cfg, key=KEY, init_latents=jnp.asarray(init),
+                          first_step=jnp.int32(first)).latents
+    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape)
+                       for i in range(len(plan.timesteps))])
+    ref = diffusers_img2img(name, CONFIGS["sd1"], num_steps, strength, init, LATENTS, noises)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-5 * max(1.0, np.abs(ref).max()))
+
+
+def test_first_step_for_strength_is_diffusers_get_timesteps():
+    euler = sampling.make_plan("euler", 50, SD1_CONFIG)
+    heun = sampling.make_plan("heun", 50, SD1_CONFIG)
+    # diffusers: int(50 * 0.58) = int(28.999999999999996) = 28 kept steps, t_start = 22
+    assert sampling.first_step_for_strength(euler, 50, 0.58) == 22
+    assert sampling.first_step_for_strength(heun, 50, 0.58) == 44  # times scheduler.order = 2
+    assert sampling.first_step_for_strength(euler, 50, 1.0) == 0
+    # the traced float32 version is one step off here (documented)
+    assert int(sampling.first_step_for_strength(euler, 50, jnp.float32(0.58))) == 21
