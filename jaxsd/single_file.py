@@ -270,7 +270,9 @@ def infer_arch(shapes: Mapping, global_step: int | None = None, *, prediction_ty
     inpainting = unet["in_channels"] == 9
     model_type = {(False, False): "v1", (True, False): "v2", (False, True): "inpainting",
                   (True, True): "inpainting_v2"}[open_clip, inpainting]
-    if prediction_type is None:   # diffusers' _legacy_load_scheduler, and SD 2.1's scheduler config
+    # diffusers configures "v2" files from SD 2.1 (v_prediction); its legacy scheduler path makes
+    # SD 2.0-base's .ckpt (saved at global step 875000) the one epsilon exception.
+    if prediction_type is None:
         prediction_type = ("epsilon" if model_type != "v2" or global_step == SD2_BASE_GLOBAL_STEP
                            else "v_prediction")
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -289,7 +291,7 @@ def infer_arch(shapes: Mapping, global_step: int | None = None, *, prediction_ty
                             [max(1, c // 64) for c in unet["block_out_channels"]]))
     vae["sample_size"] = arch.image_size
     scheduler = {
-        # SD 1.5's repo ships PNDM, SD 2.1's DDIM: the configs diffusers loads for these files.
+        # SD 2.1's repo (which diffusers configures "v2" files from) ships DDIM, SD 1.5's PNDM.
         "_class_name": "DDIMScheduler" if model_type == "v2" else "PNDMScheduler",
         "num_train_timesteps": shapes.get("alphas_cumprod", (1000,))[0],
         "beta_start": BETA_START, "beta_end": BETA_END, "beta_schedule": "scaled_linear",
