@@ -7,7 +7,7 @@ Read the modules in this order:
     tokenizer.py    prompts -> CLIP token ids
     clip.py         the CLIP text encoder: token ids -> 77 x D embeddings
     layers.py       GroupNorm, ResNet blocks, up/downsampling, attention (shared by VAE and UNet)
-    vae.py, unet.py, schedule.py, samplers/, sampling.py   (see their issues)
+    vae.py, unet.py, schedule.py, samplers/, sampling.py, single_file.py   (see their docs)
     images.py       image and mask pre/post-processing (diffusers' VaeImageProcessor)
     loading.py      where a checkpoint comes from: folder, Hub id, single file
     pipeline.py     StableDiffusion: text_to_image, image_to_image, inpaint
