@@ -37,18 +37,23 @@ def mask():
     return Image.fromarray(m)
 
 
-@pytest.mark.parametrize("version,sampler", [("sd1", None), ("sd1", "euler"), ("sd2", None)])
-def test_image_to_image_matches_diffusers(version, sampler, picture, request):
+@pytest.mark.parametrize("version,sampler,resize", [("sd1", None, False), ("sd1", None, True),
+                                                    ("sd1", "euler", False), ("sd2", None, False)])
+def test_image_to_image_matches_diffusers(version, sampler, resize, picture, request):
     pipe, folder = request.getfixturevalue(version), request.getfixturevalue(f"{version}_folder")
+    if resize:  # 84 x 70 -> rounded down to 80 x 64, Lanczos-resized on both sides
+        picture = picture.resize((84, 70), Image.BICUBIC)
     ref = reference_pipeline(folder, "image", sampler)
-    nchw, noise = torch_noise((1, SIZE // 8, SIZE // 8, 4), seed=5)  # = the generator's first draw
+    h, w = (64, 80) if resize else (SIZE, SIZE)
+    nchw, noise = torch_noise((1, h // 8, w // 8, 4), seed=5)  # = the generator's first draw
     with torch.no_grad():
         expected = to_uint8(ref(PROMPT, image=picture, strength=0.6, num_inference_steps=STEPS,
                                 generator=torch.Generator().manual_seed(5), output_type="np").images)
     ours = pipe.image_to_image(picture, PROMPT, strength=0.6, num_steps=STEPS, scheduler=sampler,
                                latents=noise)
     diff = max_diff(ours, expected)
-    print(f"img2img {version} {sampler or pipe.scheduler}: max pixel difference {diff}/255")
+    assert ours.shape == (1, h, w, 3)
+    print(f"img2img {version} {sampler or pipe.scheduler}{' resized' if resize else ''}: max pixel difference {diff}/255")
     assert diff <= 2
 
 
