@@ -94,6 +94,7 @@ def test_one_compilation_per_shape_and_sampler(sd1):
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         sd1.text_to_image("a dog in the snow", seed=2, guidance_scale=4.0, negative_prompt="rain", **kw)
+        sd1.text_to_image("a dog", seed=3, karras=True, **kw)  # Karras sigmas are traced numbers too
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [], f"{len(compiles)} compilations on the second call"
