@@ -66,3 +66,18 @@ def test_img2img_command(sd1_folder, tmp_path, capsys):
     written = tmp_path / "out" / "00000-1.png"
     assert f"wrote {written}" in capsys.readouterr().out
     assert "Denoising strength: 0.5" in Image.open(written).text["parameters"]
+
+
+def test_inpaint_command(sd1_folder, tmp_path, capsys):
+    from PIL import Image
+
+    picture, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(picture)
+    m = np.zeros((64, 64), np.uint8)
+    m[:32] = 255
+    Image.fromarray(m).save(mask)
+    assert main(["inpaint", str(picture), str(mask), "a red cube", "--model", sd1_folder, "--steps", "2",
+                 "--seed", "1", "--out", str(tmp_path / "out")]) == 0
+    written = tmp_path / "out" / "00000-1.png"
+    assert f"wrote {written}" in capsys.readouterr().out
+    assert Image.open(written).text["parameters"].startswith("a red cube\nSteps: 2, ")
