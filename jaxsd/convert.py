@@ -170,7 +170,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
                               f"({layout.name} layout), model {tuple(shapes[path])}")
             continue
         if dtype is not None and is_floating(array.dtype):
-            array = array.astype(dtype)
+            array = array.astype(dtype, copy=False)  # no extra copy when it already is
         params[path] = jnp.asarray(array)
     missing = sorted(set(shapes) - set(seen))
     problems = []
