@@ -1,8 +1,132 @@
-"""The ``jaxsd`` command."""
+"""The ``jaxsd`` command: generate, img2img, inpaint, info, tokenize.
+
+Images are written as PNGs that carry their generation parameters in a text chunk named
+``parameters``, in the format AUTOMATIC1111's web UI writes and most SD tools read:
+
+    a photograph of an astronaut riding a horse
+    Negative prompt: blurry
+    Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15
+
+Existing files are never overwritten: each image gets the next free number in the folder.
+"""
 from __future__ import annotations
 
 import argparse
+import re
+import secrets
 import sys
+from pathlib import Path
+
+# jaxsd sampler -> the name AUTOMATIC1111-style tools show ("Karras" is appended when used).
+SAMPLER_LABELS = {
+    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
+    "euler_a": "Euler a", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
+    "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2s": "DPM++ 2S",
+    "dpmpp_sde": "DPM++ SDE", "unipc": "UniPC", "deis": "DEIS",
+}
+DTYPES = ("float32", "bfloat16", "float16")
+NO_MODEL = (
+    "jaxsd {command}: --model is required (jaxsd has no built-in model yet). Pass a diffusers "
+    "folder (with model_index.json), a Hugging Face Hub id such as "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5 (downloaded once into the Hugging Face cache), "
+    "or an original single-file .safetensors checkpoint.")
+
+
+def parameters_text(prompt, negative, *, steps, sampler, karras, guidance, seed, width, height,
+                    model, extra: dict | None = None) -> str:
+    """The ``parameters`` PNG text chunk, AUTOMATIC1111 style."""
+    label = SAMPLER_LABELS.get(sampler, sampler) + (" Karras" if karras else "")
+    fields = {"Steps": steps, "Sampler": label, "CFG scale": guidance, "Seed": seed,
+              "Size": f"{width}x{height}", "Model": model, **(extra or {})}
+    lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def save_png(image, folder: Path, seed: int, parameters: str) -> Path:
+    """Write ``NNNNN-seed.png`` with the next free number; never overwrites."""
+    from PIL import Image, PngImagePlugin
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+    n = max(numbers, default=-1) + 1
+    while True:
+        path = folder / f"{n:05d}-{seed}.png"
+        try:
+            with open(path, "xb") as f:  # exclusive: fails if the file exists
+                Image.fromarray(image).save(f, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)[xX](\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _load(args):
+    import jax.numpy as jnp
+    from jaxsd import StableDiffusion
+
+    return StableDiffusion.from_pretrained(args.model, getattr(jnp, args.dtype))
+
+
+def _generate(args) -> int:
+    if args.model is None:
+        print(NO_MODEL.format(command=args.command), file=sys.stderr)
+        return 2
+    from jaxsd import images as imgs
+
+    pipe = _load(args)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    sampler = args.scheduler or pipe.scheduler
+    common = dict(negative_prompt=args.negative, num_steps=args.steps, guidance_scale=args.guidance,
+                  scheduler=sampler, karras=args.karras, seed=seed, batch_size=args.batch,
+                  progress=True)
+    extra = {}
+    if args.command == "generate":
+        width, height = args.size or (512, 512)
+        out = pipe.text_to_image(args.prompt, height=height, width=width, **common)
+    else:
+        image = _open_image(args.image)
+        if args.size:
+            width, height = args.size
+        else:
+            height, width = imgs.default_size(image, pipe.vae_factor)
+        extra["Denoising strength"] = args.strength
+        if args.command == "img2img":
+            out = pipe.image_to_image(image, args.prompt, strength=args.strength, height=height,
+                                      width=width, **common)
+        else:
+            out = pipe.inpaint(image, _open_image(args.mask), args.prompt, strength=args.strength,
+                               height=height, width=width, **common)
+    model_name = Path(str(args.model).rstrip("/")).name
+    for i, image in enumerate(out):
+        batch = {"Batch size": len(out), "Batch pos": i} if len(out) > 1 else {}
+        text = parameters_text(args.prompt, args.negative, steps=args.steps, sampler=sampler,
+                               karras=args.karras, guidance=args.guidance, seed=seed, width=width,
+                               height=height, model=model_name, extra={**extra, **batch})
+        print(f"wrote {save_png(image, Path(args.out), seed, text)}")
+    return 0
+
+
+def _open_image(path):
+    from PIL import Image
+    return Image.open(path)
+
+
+def _info(args) -> int:
+    info = _load(args).info()
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v:,}" for k, v in value.items())
+        print(f"{key.replace('_', ' ')}: {value}")
+    return 0
 
 
 def _tokenize(args) -> int:
@@ -16,12 +140,48 @@ def _tokenize(args) -> int:
     return 0
 
 
+def _add_generation_options(p, *, size_help: str):
+    p.add_argument("prompt")
+    p.add_argument("--model", "-m", default=None, help="a diffusers folder, a Hub id or a single-file checkpoint")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--scheduler", default=None, help="sampler, e.g. euler, dpmpp_2m, ddim "
+                   "(default: the checkpoint's own)")
+    p.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded in the PNG)")
+    p.add_argument("--size", type=_parse_size, default=None, help=size_help)
+    p.add_argument("--batch", type=int, default=1, help="images to generate (default 1)")
+    p.add_argument("--out", default="outputs", help="folder to write PNGs to (default ./outputs)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    p.set_defaults(run=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxsd import __version__
 
     parser = argparse.ArgumentParser(prog="jaxsd", description="Stable Diffusion in JAX.")
     parser.add_argument("--version", action="version", version=f"jaxsd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="text to image")
+    _add_generation_options(gen, size_help="WIDTHxHEIGHT, multiples of 8 (default 512x512)")
+
+    i2i = commands.add_parser("img2img", help="image + text to image")
+    i2i.add_argument("image", help="the starting image")
+    _add_generation_options(i2i, size_help="WIDTHxHEIGHT (default: the image's size, rounded down to 8)")
+    i2i.add_argument("--strength", type=float, default=0.8, help="how much to change, in (0, 1] (default 0.8)")
+
+    inp = commands.add_parser("inpaint", help="repaint the white part of a mask")
+    inp.add_argument("image", help="the image")
+    inp.add_argument("mask", help="the mask: white = repaint, black = keep")
+    _add_generation_options(inp, size_help="WIDTHxHEIGHT (default: the image's size, rounded down to 8)")
+    inp.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1.0)")
+
+    info = commands.add_parser("info", help="what a checkpoint is")
+    info.add_argument("model", help="a diffusers folder, a Hub id or a single-file checkpoint")
+    info.add_argument("--dtype", choices=DTYPES, default="float32")
+    info.set_defaults(run=_info)
 
     tok = commands.add_parser("tokenize", help="show the CLIP token ids of a prompt")
     tok.add_argument("prompt")

@@ -6,6 +6,7 @@
     Downsample    stride-2 conv3x3 (the VAE pads only right/bottom, as diffusers does)
     Upsample      nearest-neighbour x2, then conv3x3
     attention     softmax(Q K^T / sqrt(d)) V through jax.nn.dot_product_attention
+                  (on CPU in cache-sized blocks: blocked_attention)
 
 Names follow the architecture, not checkpoint keys; the renames live in ``jaxsd/convert.py``.
 """
@@ -108,11 +109,45 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, upcast: bool = False):
     """softmax(Q K^T / sqrt(H)) V for N heads of size H (Vaswani et al., 2017, eq. 1).
 
     Goes through ``jax.nn.dot_product_attention``, which XLA lowers to cuDNN's fused
-    (flash) attention on GPUs where it can. ``upcast`` computes the scores in float32
+    (flash) attention on GPUs where it can; on CPU through :func:`blocked_attention`, the
+    same arithmetic in cache-sized blocks. ``upcast`` computes the scores in float32
     (SD 2.1's ``upcast_attention``); the output keeps the input dtype.
     """
     dtype = q_BTNH.dtype
     if upcast:
         q_BTNH, k_BSNH, v_BSNH = (a.astype(jnp.float32) for a in (q_BTNH, k_BSNH, v_BSNH))
-    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH)
+    out_BTNH = jax.lax.platform_dependent(q_BTNH, k_BSNH, v_BSNH, cpu=blocked_attention,
+                                          default=jax.nn.dot_product_attention)
     return out_BTNH.astype(dtype)
+
+
+def blocked_attention(q_BTNH, k_BSNH, v_BSNH, block: int = 256):
+    """``jax.nn.dot_product_attention``'s arithmetic, one head and ``block`` queries at a time.
+
+    XLA's CPU backend computes all B*N score matrices at once ([B, N, T, S]: 1 GiB of float32
+    for SD's self-attention at a 64x64 latent) and streams them through memory several times.
+    One [block, S] slice at a time stays in cache: about 8x faster on CPU, on par with
+    PyTorch's flash-attention kernel. As in JAX, scores and softmax are float32.
+    """
+    B, T, N, H = q_BTNH.shape
+    S = k_BSNH.shape[1]
+    block = min(block, T)
+    pad = -T % block  # pad the queries to whole blocks; the padded rows are dropped below
+    q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    G, C = B * N, (T + pad) // block                        # G heads in all, C blocks per head
+    q_GCbH = q_BTNH.transpose(0, 2, 1, 3).reshape(G, C, block, H)
+    k_GHS = k_BSNH.transpose(0, 2, 3, 1).reshape(G, H, S)
+    v_GSH = v_BSNH.transpose(0, 2, 1, 3).reshape(G, S, H)
+
+    def one_head(args):
+        q_CbH, k_HS, v_SH = args
+
+        def one_block(q_bH):
+            logits_bS = jnp.matmul(q_bH, k_HS, preferred_element_type=jnp.float32) * H ** -0.5
+            p_bS = jax.nn.softmax(logits_bS, axis=-1).astype(v_SH.dtype)
+            return p_bS @ v_SH
+        return jax.lax.map(one_block, q_CbH)
+
+    out_GCbH = jax.lax.map(one_head, (q_GCbH, k_GHS, v_GSH))
+    out_BNTH = out_GCbH.reshape(B, N, T + pad, H)[:, :, :T]
+    return out_BNTH.transpose(0, 2, 1, 3)

@@ -122,7 +122,8 @@ class Sampled(NamedTuple):
 def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: int,
            schedule: ScheduleConfig, key: jax.Array | None = None, model_args: tuple = (),
            eta=0.0, init_latents: jax.Array | None = None, first_step=0,
-           return_trajectory: bool = False, progress=None) -> Sampled:
+           return_trajectory: bool = False, progress=None, after_step: Callable | None = None,
+           after_step_args: tuple = ()) -> Sampled:
     """Runs a whole diffusers-equivalent sampling loop as one jitted lax.scan.
 
     :param model_fn: `model_fn(x, t, *model_args) -> model output` shaped like x (any dtype; the
@@ -138,6 +139,9 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     :param init_latents: img2img: the encoded image latents; `first_step` evaluations are skipped.
     :param first_step: evaluations to skip (traced); see `first_step_for_strength`.
     :param return_trajectory: also return the latents after every evaluation.
+    :param after_step: `after_step(x, i, *after_step_args) -> x`, applied to the latents after
+        evaluation i (static, like model_fn). Inpainting with an ordinary 4-channel UNet uses it
+        to paste the re-noised known region back after every step, as diffusers does.
     :param progress: None, or an object with `.update(n)` (e.g. a tqdm bar) that is advanced from
         inside the scan by an ordered host callback.
     """
@@ -151,12 +155,14 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     if progress is None:
         return _sample_jit(model_fn, tuple(model_args), latents, init_latents, arrays, key,
                            jnp.float32(eta), first_step, sampler=s.name,
-                           return_trajectory=return_trajectory, progress=False)
+                           return_trajectory=return_trajectory, progress=False,
+                           after_step=after_step, after_step_args=tuple(after_step_args))
     _PROGRESS.append(progress)
     try:
         out = _sample_jit(model_fn, tuple(model_args), latents, init_latents, arrays, key,
                           jnp.float32(eta), first_step, sampler=s.name,
-                          return_trajectory=return_trajectory, progress=True)
+                          return_trajectory=return_trajectory, progress=True,
+                          after_step=after_step, after_step_args=tuple(after_step_args))
         jax.block_until_ready(out)
         jax.effects_barrier()
     finally:
@@ -173,9 +179,9 @@ def _tick(i):
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "sampler", "return_trajectory",
-                                             "progress"))
+                                             "progress", "after_step"))
 def _sample_jit(model_fn, model_args, latents, init_latents, arrays, key, eta, first_step, *,
-                sampler, return_trajectory, progress):
+                sampler, return_trajectory, progress, after_step=None, after_step_args=()):
     s = SAMPLERS[sampler]
     latents = latents.astype(jnp.float32)
     if init_latents is None:
@@ -189,7 +195,10 @@ def _sample_jit(model_fn, model_args, latents, init_latents, arrays, key, eta, f
         # Scheduler arithmetic stays float32 whatever the model's dtype (diffusers PR #4254).
         out = model_fn(c_in * state.x, t, *model_args).astype(jnp.float32)
         noise = step_noise(key, i, state.x.shape) if s.stochastic else None
-        return s.step(state, out, dict(c, eta=eta), noise)
+        state = s.step(state, out, dict(c, eta=eta), noise)
+        if after_step is not None:
+            state = state.replace(x=after_step(state.x, i, *after_step_args))
+        return state
 
     def body(state, xs):
         i, t, c_in, c = xs

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import numpy as np
+
 from jaxsd.cli import main
 
 
@@ -15,3 +17,67 @@ def test_tokenize(capsys):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "jaxsd", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("jaxsd ")
+
+
+# ---------------------------------------------------------------------------------------------
+# generate / info on a tiny random checkpoint (built by tests/pipeline_reference.py)
+from pipeline_reference import sd1_folder  # noqa: E402,F401
+
+
+def test_generate_writes_pngs_with_parameters_and_never_overwrites(sd1_folder, tmp_path, capsys):
+    from PIL import Image
+
+    argv = ["generate", "a red cube", "--model", sd1_folder, "--negative", "blurry", "--steps", "2",
+            "--scheduler", "euler", "--karras", "--seed", "42", "--size", "64x64", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the same seed again: a second file, the first untouched
+    out = capsys.readouterr().out
+    written = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in written] == ["00000-42.png", "00001-42.png"]
+    assert f"wrote {written[0]}" in out
+    png = Image.open(written[0])
+    assert png.size == (64, 64)
+    prompt, negative, fields = png.text["parameters"].splitlines()
+    assert prompt == "a red cube" and negative == "Negative prompt: blurry"
+    assert fields == f"Steps: 2, Sampler: Euler Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: {sd1_folder.rstrip('/').split('/')[-1]}"
+    assert (np.asarray(png) == np.asarray(Image.open(written[1]))).all()
+
+
+def test_generate_without_a_model_says_how_to_get_one(capsys):
+    assert main(["generate", "a red cube"]) == 2
+    err = capsys.readouterr().err
+    assert "--model is required" in err and "Hub id" in err and ".safetensors" in err
+
+
+def test_info(sd1_folder, capsys):
+    assert main(["info", sd1_folder]) == 0
+    out = capsys.readouterr().out
+    assert "prediction type: epsilon" in out and "default scheduler: pndm (PNDMScheduler)" in out
+    assert "architecture: custom (text width 32)" in out and "unet " in out
+
+
+def test_img2img_command(sd1_folder, tmp_path, capsys):
+    from PIL import Image
+
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(picture)
+    assert main(["img2img", str(picture), "a red cube", "--model", sd1_folder, "--steps", "2",
+                 "--strength", "0.5", "--seed", "1", "--out", str(tmp_path / "out")]) == 0
+    written = tmp_path / "out" / "00000-1.png"
+    assert f"wrote {written}" in capsys.readouterr().out
+    assert "Denoising strength: 0.5" in Image.open(written).text["parameters"]
+
+
+def test_inpaint_command(sd1_folder, tmp_path, capsys):
+    from PIL import Image
+
+    picture, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(picture)
+    m = np.zeros((64, 64), np.uint8)
+    m[:32] = 255
+    Image.fromarray(m).save(mask)
+    assert main(["inpaint", str(picture), str(mask), "a red cube", "--model", sd1_folder, "--steps", "2",
+                 "--seed", "1", "--out", str(tmp_path / "out")]) == 0
+    written = tmp_path / "out" / "00000-1.png"
+    assert f"wrote {written}" in capsys.readouterr().out
+    assert Image.open(written).text["parameters"].startswith("a red cube\nSteps: 2, ")

@@ -1,0 +1,117 @@
+"""Pictures in and out of the pipelines, as diffusers' ``VaeImageProcessor`` prepares them.
+
+    image  PIL image(s) or uint8 / float-in-[0, 1] arrays [H, W, 3] or [B, H, W, 3]
+           -> resized with Lanczos to (height, width) -> float32 [B, H, W, 3] in [-1, 1]
+    mask   PIL image(s) or arrays [H, W], [H, W, 1] or [B, H, W(, 1)]; white = repaint
+           -> resized with Lanczos -> grayscale -> binarised at 0.5 -> float32 [B, H, W, 1] in {0, 1}
+    output float images in [-1, 1] -> uint8: round(clip(x / 2 + 1/2, 0, 1) * 255)
+
+The default size is the image's own, rounded down to a multiple of the VAE's factor (8).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+def _as_list(image, what: str) -> list:
+    """One image or a batch -> a list of PIL images or 2-D/3-D float arrays in [0, 1]."""
+    if isinstance(image, (list, tuple)):
+        return [x for item in image for x in _as_list(item, what)]
+    if isinstance(image, Image.Image):
+        return [image]
+    array = np.asarray(image)
+    if array.dtype == np.bool_:
+        array = array.astype(np.float32)
+    elif np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(f"{what} is an integer array with values outside [0, 255]")
+        array = array.astype(np.float32) / 255.0
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.min() < 0 or array.max() > 1:
+            raise ValueError(f"{what} is a float array with values in [{array.min():g}, {array.max():g}]; "
+                             f"floats must lie in [0, 1] (or pass uint8 pixels in [0, 255])")
+        array = array.astype(np.float32)
+    else:
+        raise TypeError(f"{what} must be a PIL image or a NumPy array, got {type(image).__name__}")
+    if array.ndim == 4 or (array.ndim == 3 and what == "mask" and array.shape[-1] != 1):
+        return list(array)
+    return [array]
+
+
+def image_size(image, what: str = "image") -> tuple[int, int]:
+    """(height, width) of the first image of a batch."""
+    first = _as_list(image, what)[0]
+    return (first.height, first.width) if isinstance(first, Image.Image) else first.shape[:2]
+
+
+def default_size(image, factor: int = 8) -> tuple[int, int]:
+    """The image's size rounded down to a multiple of ``factor`` (diffusers' get_default_height_width)."""
+    h, w = image_size(image)
+    return h - h % factor, w - w % factor
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    pixels = (array * 255).round().astype(np.uint8)
+    return Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
+
+
+def _resize(item, height: int, width: int):
+    """Lanczos resize (PIL), as diffusers' default; arrays of the right size are used as they are."""
+    if isinstance(item, Image.Image):
+        return item.resize((width, height), resample=Image.LANCZOS)
+    if item.shape[:2] == (height, width):
+        return item
+    return _to_pil(item).resize((width, height), resample=Image.LANCZOS)
+
+
+def prepare_image(image, height: int, width: int) -> np.ndarray:
+    """image(s) -> float32 [B, height, width, 3] in [-1, 1]."""
+    batch = []
+    for item in _as_list(image, "image"):
+        item = _resize(item, height, width)
+        if isinstance(item, Image.Image):
+            item = np.asarray(item.convert("RGB"), np.float32) / 255.0
+        if item.ndim != 3 or item.shape[-1] != 3:
+            raise ValueError(f"image must be RGB [height, width, 3]; got shape {item.shape}")
+        batch.append(item)
+    return np.stack(batch) * 2.0 - 1.0
+
+
+def prepare_mask(mask, height: int, width: int) -> np.ndarray:
+    """mask(s) -> float32 [B, height, width, 1] in {0, 1}; 1 (white) marks what is repainted."""
+    batch = []
+    for item in _as_list(mask, "mask"):
+        item = _resize(item, height, width)
+        if isinstance(item, Image.Image):
+            item = np.asarray(item.convert("L"), np.float32) / 255.0
+        if item.ndim == 3:
+            if item.shape[-1] == 3:  # an RGB array: ITU-R 601 luma, as PIL's convert("L")
+                item = item @ np.array([0.299, 0.587, 0.114], np.float32)
+            else:
+                item = item[..., 0]
+        batch.append(item)
+    return (np.stack(batch)[..., None] >= 0.5).astype(np.float32)
+
+
+def check_mask_matches(image, mask) -> None:
+    """The mask must cover the image pixel for pixel (before any resizing)."""
+    if image_size(image) != image_size(mask, "mask"):
+        raise ValueError(f"mask size {image_size(mask, 'mask')} (height, width) does not match the "
+                         f"image size {image_size(image)}; resize the mask to the image first")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float images [B, H, W, 3] in [-1, 1] -> uint8, as diffusers' postprocess; NaN -> 0 with a warning."""
+    images = np.asarray(images, np.float32)
+    if np.isnan(images).any():
+        logger.warning(
+            "the decoded images contain NaN (%.1f%% of the pixels; shown as black). The likely cause "
+            "is a float16 overflow, usually in the VAE decoder (SD 1.x/2.x VAEs overflow float16); "
+            "load with dtype=jnp.bfloat16 or jnp.float32 instead", 100 * np.isnan(images).mean())
+        images = np.nan_to_num(images, nan=-1.0)
+    return (np.clip(images * 0.5 + 0.5, 0.0, 1.0) * 255).round().astype(np.uint8)

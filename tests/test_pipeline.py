@@ -1,0 +1,162 @@
+"""Text-to-image against diffusers' StableDiffusionPipeline, on the same random-weight checkpoint."""
+import logging
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from pipeline_reference import (PROMPT, max_diff, reference_pipeline, sd1, sd1_folder, sd2,  # noqa: F401
+                                sd2_folder, to_uint8, torch_noise)
+from jaxsd import StableDiffusion
+from jaxsd.checkpoint import CheckpointError
+
+SIZE, STEPS = 64, 5
+DETERMINISTIC = ["ddim", "pndm", "lms", "euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_2s", "unipc", "deis"]
+KARRAS = [s for s in DETERMINISTIC if s not in ("ddim", "pndm")]
+CASES = ([(s, False) for s in DETERMINISTIC] + [(s, True) for s in KARRAS])
+
+
+def reference_images(folder, sampler=None, karras=False, *, prompt=PROMPT, batch=1, per_prompt=1,
+                     seed=0, **kwargs):
+    pipe = reference_pipeline(folder, sampler=sampler, karras=karras)
+    if not hasattr(pipe.text_encoder, "text_model"):
+        # diffusers 0.42's clip_skip calls text_encoder.text_model.final_layer_norm, which
+        # transformers 5 flattened into text_encoder.final_layer_norm; give it the old path.
+        pipe.text_encoder.text_model = types.SimpleNamespace(
+            final_layer_norm=pipe.text_encoder.final_layer_norm)
+    nchw, nhwc = torch_noise((batch, SIZE // 8, SIZE // 8, 4), seed)
+    with torch.no_grad():
+        out = pipe(prompt, num_inference_steps=STEPS, height=SIZE, width=SIZE, latents=nchw,
+                   num_images_per_prompt=per_prompt, output_type="np", **kwargs).images
+    return to_uint8(out), nhwc
+
+
+@pytest.mark.parametrize("sampler,karras", CASES, ids=[f"{s}{'-karras' if k else ''}" for s, k in CASES])
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_text_to_image_matches_diffusers(version, sampler, karras, request):
+    pipe, folder = request.getfixturevalue(version), request.getfixturevalue(f"{version}_folder")
+    expected, noise = reference_images(folder, sampler, karras)
+    ours = pipe.text_to_image(PROMPT, num_steps=STEPS, height=SIZE, width=SIZE, latents=noise,
+                              scheduler=sampler, karras=karras)
+    assert ours.dtype == np.uint8 and ours.shape == (1, SIZE, SIZE, 3)
+    diff = max_diff(ours, expected)
+    print(f"{version} {sampler}{' karras' if karras else ''}: max pixel difference {diff}/255")
+    assert diff <= 2
+
+
+def test_default_scheduler_is_the_checkpoints(sd1, sd2):
+    assert sd1.scheduler == "pndm" and sd2.scheduler == "ddim"
+    assert sd2.schedule.prediction_type == "v_prediction"
+
+
+def test_prompt_lists_negative_prompts_and_batches(sd1, sd1_folder):
+    prompts, negatives = [PROMPT, "a red cube on a table"], ["blurry", "low quality, watermark"]
+    expected, noise = reference_images(sd1_folder, prompt=prompts, negative_prompt=negatives,
+                                       batch=4, per_prompt=2, guidance_scale=6.0)
+    ours = sd1.text_to_image(prompts, negative_prompt=negatives, batch_size=4, guidance_scale=6.0,
+                             num_steps=STEPS, height=SIZE, width=SIZE, latents=noise)
+    assert max_diff(ours, expected) <= 2
+
+
+def test_clip_skip_guidance_rescale_and_no_guidance(sd2, sd2_folder):
+    expected, noise = reference_images(sd2_folder, "euler", clip_skip=1, guidance_rescale=0.7)
+    ours = sd2.text_to_image(PROMPT, num_steps=STEPS, height=SIZE, width=SIZE, latents=noise,
+                             scheduler="euler", clip_skip=1, guidance_rescale=0.7)
+    assert max_diff(ours, expected) <= 2
+    expected, noise = reference_images(sd2_folder, "euler", guidance_scale=1.0)
+    ours = sd2.text_to_image(PROMPT, num_steps=STEPS, height=SIZE, width=SIZE, latents=noise,
+                             scheduler="euler", guidance_scale=1.0)
+    assert max_diff(ours, expected) <= 2
+
+
+def test_prompt_embeds_latents_and_trajectory(sd1):
+    kw = dict(num_steps=STEPS, height=SIZE, width=SIZE, seed=3, scheduler="euler")
+    images = sd1.text_to_image(PROMPT, negative_prompt="fog", **kw)
+    emb = sd1.encode_prompt(PROMPT, "fog")
+    again = sd1.text_to_image(prompt_embeds=emb.cond, negative_prompt_embeds=emb.uncond, **kw)
+    np.testing.assert_array_equal(images, again)
+    latents = sd1.text_to_image(PROMPT, negative_prompt="fog", output="latents", **kw)
+    trajectory = sd1.text_to_image(PROMPT, negative_prompt="fog", output="trajectory", **kw)
+    assert latents.shape == (1, SIZE // 8, SIZE // 8, 4) and trajectory.shape == (STEPS, 1, SIZE // 8, SIZE // 8, 4)
+    np.testing.assert_allclose(trajectory[-1], latents, atol=1e-5)
+    np.testing.assert_array_equal(sd1.decode(latents), images)
+
+
+def test_one_compilation_per_shape_and_sampler(sd1):
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) \
+        if event == "/jax/core/compile/backend_compile_duration" else None
+    kw = dict(num_steps=STEPS, height=SIZE, width=SIZE, scheduler="dpmpp_2m")
+    sd1.text_to_image("a cat", seed=1, guidance_scale=7.5, **kw)  # compiles (unless cached)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        sd1.text_to_image("a dog in the snow", seed=2, guidance_scale=4.0, negative_prompt="rain", **kw)
+        sd1.text_to_image("a dog", seed=3, karras=True, **kw)  # Karras sigmas are traced numbers too
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [], f"{len(compiles)} compilations on the second call"
+
+
+def test_bad_inputs_say_what_is_wrong(sd1, caplog):
+    kw = dict(num_steps=2, height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="height=60 must be a positive multiple of 8"):
+        sd1.text_to_image(PROMPT, num_steps=2, height=60, width=SIZE)
+    with pytest.raises(ValueError, match="batch_size=3 must be a positive multiple of the number of prompts"):
+        sd1.text_to_image(["a", "b"], batch_size=3, **kw)
+    with pytest.raises(ValueError, match="negative_prompt has 3 entries but there are 2 prompts"):
+        sd1.text_to_image(["a", "b"], negative_prompt=["x", "y", "z"], **kw)
+    with pytest.raises(ValueError, match="unknown sampler='eulr'"):
+        sd1.text_to_image(PROMPT, scheduler="eulr", **kw)
+    with pytest.raises(ValueError, match="sampler 'pndm' has no Karras sigmas"):
+        sd1.text_to_image(PROMPT, karras=True, **kw)
+    with pytest.raises(ValueError, match=r"latents has shape \(1, 4, 4, 4\)"):
+        sd1.text_to_image(PROMPT, latents=np.zeros((1, 4, 4, 4), np.float32), **kw)
+    long_prompt = " ".join(["horse"] * 80) + " zebra"
+    with caplog.at_level(logging.WARNING):
+        sd1.encode_prompt(long_prompt)
+    assert "truncated" in caplog.text and "zebra" in caplog.text
+
+
+def test_nan_output_warns_with_the_likely_cause(sd1, caplog):
+    poisoned = jax.tree_util.tree_map(lambda x: x * jnp.nan, sd1.vae_params)
+    good, sd1.vae_params = sd1.vae_params, poisoned
+    try:
+        with caplog.at_level(logging.WARNING):
+            images = sd1.decode(np.zeros((1, SIZE // 8, SIZE // 8, 4), np.float32))
+    finally:
+        sd1.vae_params = good
+    assert images.dtype == np.uint8
+    assert "NaN" in caplog.text and "float16" in caplog.text
+
+
+def test_sources_that_are_not_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not a Stable Diffusion checkpoint.*model_index.json"):
+        StableDiffusion.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE.*local path"):  # conftest sets it
+        StableDiffusion.from_pretrained("jaxsd-tests/no-such-model")
+    with pytest.raises(CheckpointError, match="neither an existing folder or file"):
+        StableDiffusion.from_pretrained(str(tmp_path / "missing" / "model.safetensors"))
+
+
+def test_hub_downloads_only_the_files_jaxsd_reads():
+    from fnmatch import fnmatch
+
+    from jaxsd.loading import hub_patterns
+
+    repo = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+            "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+            "text_encoder/pytorch_model.bin", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
+            "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors", "v1-5-pruned.ckpt",
+            "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json"]
+    pick = lambda variant: sorted(f for f in repo if any(fnmatch(f, p) for p in hub_patterns(variant)))
+    assert pick("fp16") == sorted([
+        "model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+        "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
+        "vae/diffusion_pytorch_model.fp16.safetensors"])
+    assert "unet/diffusion_pytorch_model.safetensors" in pick(None)
+    assert not [f for f in pick(None) if "fp16" in f or f.endswith((".bin", ".ckpt"))]

@@ -1,0 +1,117 @@
+"""Image-to-image and inpainting against diffusers; single-file checkpoints against their folder."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline_reference import (PROMPT, inpainting_folder, max_diff, reference_pipeline, sd1,  # noqa: F401
+                                sd1_folder, sd2, sd2_folder, to_uint8, torch_noise)
+from jaxsd import StableDiffusion
+
+SIZE, STEPS = 64, 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deterministic_reference_posterior():
+    """diffusers draws z ~ q(z|x) with torch's generator; the test VAE's posterior std is ~3e-7
+    (see pipeline_reference), so take its mean and leave the generator for the noise alone."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    original = DiagonalGaussianDistribution.sample
+    DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
+    yield
+    DiagonalGaussianDistribution.sample = original
+
+
+@pytest.fixture(scope="module")
+def picture():
+    """A smooth RGB picture (so that Lanczos resizing and the VAE see structure, not noise)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    rgb = np.stack([np.sin(6 * x) * 0.5 + 0.5, y, np.cos(4 * x * y) * 0.5 + 0.5], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def mask():
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    m[16:48, 8:40] = 255  # white: repaint
+    return Image.fromarray(m)
+
+
+@pytest.mark.parametrize("version,sampler,resize", [("sd1", None, False), ("sd1", None, True),
+                                                    ("sd1", "euler", False), ("sd2", None, False)])
+def test_image_to_image_matches_diffusers(version, sampler, resize, picture, request):
+    pipe, folder = request.getfixturevalue(version), request.getfixturevalue(f"{version}_folder")
+    if resize:  # 84 x 70 -> rounded down to 80 x 64, Lanczos-resized on both sides
+        picture = picture.resize((84, 70), Image.BICUBIC)
+    ref = reference_pipeline(folder, "image", sampler)
+    h, w = (64, 80) if resize else (SIZE, SIZE)
+    nchw, noise = torch_noise((1, h // 8, w // 8, 4), seed=5)  # = the generator's first draw
+    with torch.no_grad():
+        expected = to_uint8(ref(PROMPT, image=picture, strength=0.6, num_inference_steps=STEPS,
+                                generator=torch.Generator().manual_seed(5), output_type="np").images)
+    ours = pipe.image_to_image(picture, PROMPT, strength=0.6, num_steps=STEPS, scheduler=sampler,
+                               latents=noise)
+    diff = max_diff(ours, expected)
+    assert ours.shape == (1, h, w, 3)
+    print(f"img2img {version} {sampler or pipe.scheduler}{' resized' if resize else ''}: max pixel difference {diff}/255")
+    assert diff <= 2
+
+
+@pytest.mark.parametrize("kind,sampler,strength", [
+    ("sd1", None, 1.0), ("sd1", "dpmpp_2m", 1.0), ("sd1", "euler", 0.7), ("inpainting", None, 1.0),
+    ("inpainting", "euler", 0.7)])
+def test_inpaint_matches_diffusers(kind, sampler, strength, picture, mask, request):
+    folder = request.getfixturevalue(f"{kind}_folder")
+    pipe = request.getfixturevalue("sd1") if kind == "sd1" else inpainting_pipe(folder)
+    ref = reference_pipeline(folder, "inpaint", sampler)
+    nchw, noise = torch_noise((1, SIZE // 8, SIZE // 8, 4), seed=7)
+    with torch.no_grad():
+        expected = to_uint8(ref(PROMPT, image=picture, mask_image=mask, strength=strength,
+                                num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                                generator=torch.Generator().manual_seed(7), output_type="np").images)
+    ours = pipe.inpaint(picture, mask, PROMPT, strength=strength, num_steps=STEPS, scheduler=sampler,
+                        latents=noise)
+    diff = max_diff(ours, expected)
+    print(f"inpaint {kind} {sampler or pipe.scheduler} strength {strength}: max pixel difference {diff}/255")
+    assert diff <= 2
+
+
+_INPAINTING = {}
+
+
+def inpainting_pipe(folder):
+    if folder not in _INPAINTING:
+        _INPAINTING[folder] = StableDiffusion.from_pretrained(folder)
+    return _INPAINTING[folder]
+
+
+def test_image_inputs_and_their_errors(sd1, picture, mask):
+    kw = dict(num_steps=2, seed=1, output="latents")
+    as_pil = sd1.image_to_image(picture, PROMPT, **kw)
+    as_array = sd1.image_to_image(np.asarray(picture), PROMPT, **kw)
+    np.testing.assert_array_equal(as_pil, as_array)
+    with pytest.raises(ValueError, match=r"strength=1.5 must lie in \(0, 1\]"):
+        sd1.image_to_image(picture, PROMPT, strength=1.5)
+    with pytest.raises(ValueError, match=r"strength=0 must lie in \(0, 1\]"):
+        sd1.inpaint(picture, mask, PROMPT, strength=0)
+    with pytest.raises(ValueError, match=r"mask size \(32, 32\).*does not match the image size \(64, 64\)"):
+        sd1.inpaint(picture, mask.resize((32, 32)), PROMPT)
+
+
+def test_single_file_checkpoint_gives_the_same_images(sd1, sd1_folder, tmp_path):
+    from jaxsd.checkpoint import read_config, read_state_dict
+    from jaxsd.single_file import write_single_file
+
+    parts = ("unet", "vae", "text_encoder")
+    configs = {p: read_config(f"{sd1_folder}/{p}") for p in parts}
+    state_dicts = {p: dict(read_state_dict(f"{sd1_folder}/{p}")) for p in parts}
+    path = tmp_path / "sd1-tiny.safetensors"
+    write_single_file(path, state_dicts, configs, "sd1")
+    # What the tensors cannot show: head counts and GroupNorm groups of this tiny model.
+    single = StableDiffusion.from_pretrained(
+        path, unet_config={"attention_head_dim": configs["unet"]["attention_head_dim"]},
+        vae_config={"norm_num_groups": configs["vae"]["norm_num_groups"]},
+        text_encoder_config={"num_attention_heads": configs["text_encoder"]["num_attention_heads"]})
+    assert single.scheduler == "pndm"
+    kw = dict(num_steps=STEPS, height=SIZE, width=SIZE, seed=4, scheduler="euler")
+    np.testing.assert_array_equal(single.text_to_image(PROMPT, **kw), sd1.text_to_image(PROMPT, **kw))
