@@ -63,14 +63,19 @@ class Table:
     # keys as "text_model.<key>", transformers 5 saves "<key>"); stripped before matching, and
     # written by to_reference, since every loader reads that form.
     prefix: str = ""
+    # Older reference names for the same parameters, still found in published checkpoints:
+    # read by :func:`convert`, never written by :func:`to_reference` (which writes ``rows``).
+    legacy_rows: tuple[tuple[str, str, Layout], ...] = ()
     _compiled: list = field(default=None, init=False, repr=False, compare=False)
 
-    def compiled(self):
+    def compiled(self, legacy: bool = True):
         if self._compiled is None:
             object.__setattr__(self, "_compiled", [
-                (_template_regex(theirs, "."), _template_regex(ours, "/"), theirs, ours, layout)
-                for theirs, ours, layout in self.rows])
-        return self._compiled
+                (_template_regex(theirs, "."), _template_regex(ours, "/"), theirs, ours, layout,
+                 is_legacy)
+                for rows, is_legacy in ((self.rows, False), (self.legacy_rows, True))
+                for theirs, ours, layout in rows])
+        return [row for row in self._compiled if legacy or not row[5]]
 
 
 def _template_regex(template: str, separator: str) -> re.Pattern:
@@ -138,7 +143,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
     """
     compiled = table.compiled()
     ignored = [(_template_regex(t, "."), reason) for t, reason in table.ignore]
-    params, seen, unexpected, mismatched, ambiguous = {}, set(), [], [], []
+    params, seen, unexpected, mismatched, ambiguous, duplicated = {}, set(), [], [], [], []
     for key in state_dict:
         bare = key[len(table.prefix):] if table.prefix and key.startswith(table.prefix) else key
         hits = _match(compiled, bare, 0)
@@ -152,6 +157,9 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
         path, layout, _ = hits[0]
         if path not in shapes:
             unexpected.append(f"{key} (would be {path}, which this model does not have)")
+            continue
+        if path in seen:
+            duplicated.append(f"{key} -> {path}, which another key of the checkpoint already gave")
             continue
         seen.add(path)
         array = layout.to_ours(state_dict[key])
@@ -167,6 +175,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
     for title, items in (("missing (the model needs them, the checkpoint lacks them)", missing),
                          ("unexpected (in the checkpoint, unknown to the model)", unexpected),
                          ("with the wrong shape", mismatched),
+                         ("for a parameter another key already gave (e.g. an old and a new name)", duplicated),
                          ("matched by several table rows (a bug in jaxsd's table)", ambiguous)):
         if items:
             problems.append(f"{len(items)} key(s) {title}:\n  " + "\n  ".join(items))
@@ -177,7 +186,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
 
 def to_reference(params: Mapping, table: Table) -> dict:
     """Our nested parameters -> reference state dict of NumPy arrays (for saving checkpoints)."""
-    compiled = table.compiled()
+    compiled = table.compiled(legacy=False)
     state = {}
     for path, leaf in flatten(params).items():
         hits = _match(compiled, path, 1)
@@ -186,6 +195,67 @@ def to_reference(params: Mapping, table: Table) -> dict:
         key, layout, _ = hits[0]
         state[table.prefix + key] = np.ascontiguousarray(layout.to_reference(np.asarray(leaf)))
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The VAE (diffusers' AutoencoderKL) -> jaxsd.vae.AutoencoderKL.
+#
+# diffusers nests the levels as ``down_blocks.{i}.resnets.{j}``; jaxsd names the same modules
+# ``down_{i}_resnet_{j}`` inside the encoder (``up_{i}_resnet_{j}`` in the decoder, widest level
+# first in both). The mid-block attention is one Dense per projection in jaxsd.
+
+# diffusers stores the attention projections as nn.Linear (out, in). Checkpoints converted from
+# the original LDM code by older scripts can carry them as 1x1 convs (out, in, 1, 1); we read
+# both and write the Linear form. Any other shape falls through to the shape check.
+LINEAR_OR_CONV1X1 = Layout(
+    "linear_or_conv1x1",
+    lambda w: (w[:, :, 0, 0] if w.ndim == 4 and w.shape[2:] == (1, 1) else w).T,
+    lambda w: w.T)
+
+_VAE_RESNET = (  # diffusers' ResnetBlock2D -> jaxsd.layers.ResnetBlock
+    ("norm1.weight", "norm1/scale", COPY), ("norm1.bias", "norm1/bias", COPY),
+    ("conv1.weight", "conv1/kernel", CONV), ("conv1.bias", "conv1/bias", COPY),
+    ("norm2.weight", "norm2/scale", COPY), ("norm2.bias", "norm2/bias", COPY),
+    ("conv2.weight", "conv2/kernel", CONV), ("conv2.bias", "conv2/bias", COPY),
+    ("conv_shortcut.weight", "shortcut/kernel", CONV), ("conv_shortcut.bias", "shortcut/bias", COPY),
+)
+_VAE_CONV = (("weight", "kernel", CONV), ("bias", "bias", COPY))
+_VAE_NORM = (("weight", "scale", COPY), ("bias", "bias", COPY))
+_VAE_ATTENTION = (  # diffusers' names, the old AttentionBlock names, ours
+    ("to_q", "query", "query"), ("to_k", "key", "key"), ("to_v", "value", "value"),
+    ("to_out.0", "proj_attn", "out"),
+)
+
+VAE = Table(
+    rows=(
+        *((f"{theirs}.{p}", f"{ours}/{q}", layout)
+          for theirs, ours in (("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv"),
+                               ("encoder.conv_in", "encoder/conv_in"), ("encoder.conv_out", "encoder/conv_out"),
+                               ("decoder.conv_in", "decoder/conv_in"), ("decoder.conv_out", "decoder/conv_out"),
+                               ("encoder.down_blocks.{i}.downsamplers.0.conv", "encoder/down_{i}_downsample/conv"),
+                               ("decoder.up_blocks.{i}.upsamplers.0.conv", "decoder/up_{i}_upsample/conv"))
+          for p, q, layout in _VAE_CONV),
+        *((f"{part}.conv_norm_out.{p}", f"{part}/norm_out/{q}", layout)
+          for part in ("encoder", "decoder") for p, q, layout in _VAE_NORM),
+        *((f"{theirs}.{p}", f"{ours}/{q}", layout)
+          for theirs, ours in (("encoder.down_blocks.{i}.resnets.{j}", "encoder/down_{i}_resnet_{j}"),
+                               ("decoder.up_blocks.{i}.resnets.{j}", "decoder/up_{i}_resnet_{j}"),
+                               ("encoder.mid_block.resnets.{j}", "encoder/mid/resnet_{j}"),
+                               ("decoder.mid_block.resnets.{j}", "decoder/mid/resnet_{j}"))
+          for p, q, layout in _VAE_RESNET),
+        *((f"{part}.mid_block.attentions.0.group_norm.{p}", f"{part}/mid/attention/norm/{q}", layout)
+          for part in ("encoder", "decoder") for p, q, layout in _VAE_NORM),
+        *((f"{part}.mid_block.attentions.0.{theirs}.{p}", f"{part}/mid/attention/{ours}/{q}", layout)
+          for part in ("encoder", "decoder") for theirs, _, ours in _VAE_ATTENTION
+          for p, q, layout in (("weight", "kernel", LINEAR_OR_CONV1X1), ("bias", "bias", COPY))),
+    ),
+    # diffusers still reads these (ModelMixin._fix_state_dict_keys_on_load); SD 1.x VAE files
+    # saved before the rename carry them.
+    legacy_rows=tuple(
+        (f"{part}.mid_block.attentions.0.{old}.{p}", f"{part}/mid/attention/{ours}/{q}", layout)
+        for part in ("encoder", "decoder") for _, old, ours in _VAE_ATTENTION
+        for p, q, layout in (("weight", "kernel", LINEAR_OR_CONV1X1), ("bias", "bias", COPY))),
+)
 
 
 # ---------------------------------------------------------------------------------------------
