@@ -284,3 +284,69 @@ CLIP_TEXT = Table(
              "a constant buffer arange(max_position_embeddings) that older transformers saved"),),
     prefix="text_model.",
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# The UNet (diffusers' UNet2DConditionModel) -> jaxsd.unet.UNet.
+#
+# diffusers groups the UNet into blocks (down_blocks.{i}.resnets.{j}, .attentions.{j},
+# .downsamplers.0; mid_block; up_blocks.{i} counted from the lowest resolution); jaxsd names
+# modules by resolution level (down_{l}_res_{j}, up_{l}_res_{j}, with up level l = L - 1 - i).
+# Rows below are generated from a handful of sub-tables; expanded, they read like
+#   down_blocks.{i}.resnets.{j}.conv1.weight                      -> down_{i}_res_{j}/conv1/kernel
+#   down_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn2.to_k.weight
+#                                                  -> down_{i}_attn_{j}/blocks_{k}/cross_attn/key/kernel
+#   up_blocks.{i}.resnets.{j}.conv_shortcut.weight  (i = 0..L-1) -> up_{L-1-i}_res_{j}/shortcut/kernel
+
+def _weight_rows(theirs: str, ours: str, kind: str):
+    """One module's weight and bias rows; ``kind`` is norm, conv, linear or linear_no_bias."""
+    weight = {"norm": ("scale", COPY), "conv": ("kernel", CONV), "linear": ("kernel", LINEAR),
+              "linear_no_bias": ("kernel", LINEAR), "conv1x1": ("kernel", CONV1X1_AS_LINEAR)}[kind]
+    rows = [(f"{theirs}.weight", f"{ours}/{weight[0]}", weight[1])]
+    if kind != "linear_no_bias":
+        rows.append((f"{theirs}.bias", f"{ours}/bias", COPY))
+    return rows
+
+
+_UNET_RESNET = (("norm1", "norm1", "norm"), ("conv1", "conv1", "conv"),
+                ("time_emb_proj", "time_emb_proj", "linear"), ("norm2", "norm2", "norm"),
+                ("conv2", "conv2", "conv"), ("conv_shortcut", "shortcut", "conv"))
+_UNET_TRANSFORMER_BLOCK = (
+    ("norm1", "norm1", "norm"), ("norm2", "norm2", "norm"), ("norm3", "norm3", "norm"),
+    *((f"{a}.to_{p}", f"{b}/{q}", "linear_no_bias")
+      for a, b in (("attn1", "self_attn"), ("attn2", "cross_attn"))
+      for p, q in (("q", "query"), ("k", "key"), ("v", "value"))),
+    ("attn1.to_out.0", "self_attn/out", "linear"), ("attn2.to_out.0", "cross_attn/out", "linear"),
+    ("ff.net.0.proj", "ff/fc1", "linear"), ("ff.net.2", "ff/fc2", "linear"))
+
+
+def unet_table(config) -> Table:
+    """The conversion table for a :class:`jaxsd.unet.UNetConfig` (its levels and projection layout)."""
+    L = config.levels
+    # SD 1.x stores the transformer's proj_in/proj_out as 1x1 convs, SD 2.x as Linear layers.
+    proj = "linear" if config.use_linear_projection else "conv1x1"
+    # (their block prefix, our module prefix) of every place ResNet and transformer blocks sit.
+    places = ([(f"down_blocks.{l}", f"down_{l}") for l in range(L)] + [("mid_block", "mid")]
+              + [(f"up_blocks.{L - 1 - l}", f"up_{l}") for l in range(L)])
+    rows = [
+        *_weight_rows("conv_in", "conv_in", "conv"),
+        *_weight_rows("time_embedding.linear_1", "time_mlp/fc1", "linear"),
+        *_weight_rows("time_embedding.linear_2", "time_mlp/fc2", "linear"),
+        *_weight_rows("conv_norm_out", "norm_out", "norm"),
+        *_weight_rows("conv_out", "conv_out", "conv"),
+        *(row for l in range(L) for row in _weight_rows(
+            f"down_blocks.{l}.downsamplers.0.conv", f"down_{l}_downsample/conv", "conv")),
+        *(row for l in range(L) for row in _weight_rows(
+            f"up_blocks.{L - 1 - l}.upsamplers.0.conv", f"up_{l}_upsample/conv", "conv")),
+    ]
+    for theirs, ours in places:
+        attn = f"{ours}_attn_{{j}}"
+        rows += [row for a, b, kind in _UNET_RESNET
+                 for row in _weight_rows(f"{theirs}.resnets.{{j}}.{a}", f"{ours}_res_{{j}}/{b}", kind)]
+        rows += [row for a, b, kind in (("norm", "norm", "norm"), ("proj_in", "proj_in", proj),
+                                        ("proj_out", "proj_out", proj))
+                 for row in _weight_rows(f"{theirs}.attentions.{{j}}.{a}", f"{attn}/{b}", kind)]
+        rows += [row for a, b, kind in _UNET_TRANSFORMER_BLOCK
+                 for row in _weight_rows(f"{theirs}.attentions.{{j}}.transformer_blocks.{{k}}.{a}",
+                                         f"{attn}/blocks_{{k}}/{b}", kind)]
+    return Table(rows=tuple(rows))
