@@ -83,7 +83,10 @@ def text_config_json(cfg: CLIPTextConfig) -> dict:
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
             **dataclasses.asdict(cfg), "projection_dim": cfg.hidden_size,
             "attention_dropout": 0.0, "dropout": 0.0, "initializer_range": 0.02,
-            "initializer_factor": 1.0}
+            "initializer_factor": 1.0,
+            # transformers 5 loads weights in the file's dtype unless the config names one;
+            # diffusers upcasts its parts to float32. Mixed, the pipeline fails on float16 files.
+            "dtype": "float32", "torch_dtype": "float32"}
 
 
 def scheduler_config_json() -> dict:

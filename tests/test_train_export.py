@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxsd import export
+from jaxsd.train import init_params
 from jaxsd.clip import CLIPTextConfig, CLIPTextModel, load_clip_text
 from jaxsd.unet import UNet, UNetConfig, load_unet
 from jaxsd.vae import AutoencoderKL, VAEConfig, load_vae
@@ -19,13 +20,13 @@ UNET = UNetConfig(block_out_channels=(16, 32, 32), layers_per_block=(1, 1, 1),
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    key = jax.random.key(0)
-    vae_params = AutoencoderKL(VAE).init(key, jnp.zeros((1, 32, 32, 3)))["params"]
-    text_params = CLIPTextModel(TEXT).init(key, jnp.zeros((1, 77), jnp.int32))["params"]
+    rng = np.random.default_rng(0)
+    vae_params = init_params(AutoencoderKL(VAE), rng, jnp.zeros((1, 32, 32, 3)))
+    text_params = init_params(CLIPTextModel(TEXT), rng, jnp.zeros((1, 77), jnp.int32))
     unet = UNet(UNET)
-    unet_params = unet.init(key, *unet.example_inputs(1, 8))["params"]
+    unet_params = init_params(unet, rng, *unet.example_inputs(1, 8))
     # Random, non-trivial norms and biases (init leaves them at 1 and 0).
-    perturb = lambda p: jax.tree.map(lambda x: x + 0.1 * jax.random.normal(key, x.shape), p)
+    perturb = lambda p: jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), p)
     vae_params, text_params, unet_params = perturb(vae_params), perturb(text_params), perturb(unet_params)
     folder = export.export_diffusers(
         tmp_path_factory.mktemp("export") / "model", text_config=TEXT, text_params=text_params,
@@ -57,7 +58,7 @@ def test_diffusers_loads_the_folder_and_agrees(exported):
                          return_tensors="pt").input_ids
     with torch.no_grad():
         text_ref = pipe.text_encoder(ids).last_hidden_state.numpy()
-    text = CLIPTextModel(TEXT).apply({"params": text_params}, jnp.asarray(ids.numpy())).last_hidden_state
+    text = jax.jit(CLIPTextModel(TEXT).apply)({"params": text_params}, jnp.asarray(ids.numpy())).last_hidden_state
     np.testing.assert_allclose(np.asarray(text), text_ref, atol=1e-4, rtol=1e-4)
 
     rng = np.random.default_rng(0)
@@ -66,10 +67,11 @@ def test_diffusers_loads_the_folder_and_agrees(exported):
         eps_ref = pipe.unet(torch.from_numpy(latents).permute(0, 3, 1, 2), 500,
                             torch.from_numpy(text_ref)).sample.permute(0, 2, 3, 1).numpy()
         image_ref = pipe.vae.decode(torch.from_numpy(latents).permute(0, 3, 1, 2)).sample
-    eps = UNet(UNET).apply({"params": unet_params}, jnp.asarray(latents), jnp.array([500]), jnp.asarray(text_ref))
+    eps = jax.jit(UNet(UNET).apply)({"params": unet_params}, jnp.asarray(latents), jnp.array([500]),
+                                     jnp.asarray(text_ref))
     np.testing.assert_allclose(np.asarray(eps), eps_ref, atol=1e-4, rtol=1e-4)
     vae = AutoencoderKL(VAE)
-    image = vae.apply({"params": vae_params}, jnp.asarray(latents), method=vae.decode)
+    image = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))(vae_params, jnp.asarray(latents))
     np.testing.assert_allclose(np.asarray(image), image_ref.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=1e-4)
 
 
@@ -84,3 +86,9 @@ def test_float16_export_halves_the_size(exported, tmp_path):
     _, params = load_unet(half / "unet", param_dtype=jnp.float32)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4),
                  params, unet_params)
+    # diffusers and transformers load every part in float32 (a mix would fail in the pipeline).
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(half, safety_checker=None)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        assert next(part.parameters()).dtype == torch.float32, type(part).__name__
