@@ -1,0 +1,1 @@
+"""Datasets that jaxsd generates itself (no downloads)."""

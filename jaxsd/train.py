@@ -1,0 +1,503 @@
+"""Training a tiny Stable Diffusion from scratch on the shapes dataset (issue 7).
+
+Two stages, each a jitted step over an explicit :class:`TrainState`, run by :func:`run_stage`:
+
+    stage "vae"   the autoencoder alone: images x -> q(z|x) -> z -> x_hat
+                  loss = mean |x - x_hat| + kl_weight * mean KL(q(z|x) || N(0, I))
+    stage "unet"  the CLIP text encoder and the UNet together, on latents of the frozen VAE:
+                  z0 = scaling_factor * z,  z ~ q(z|x)
+                  t ~ U{0, ..., 999},  eps ~ N(0, I)
+                  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps               (Ho et al., 2020, eq. 4)
+                  loss = mean || eps - eps_theta(z_t, t, CLIP(caption)) ||^2  (Ho et al., 2020, eq. 14)
+                  with the caption replaced by "" 10% of the time, so that the same network also
+                  learns eps_theta(z_t, t, "") for classifier-free guidance (Ho & Salimans, 2022)
+
+The text encoder learns from the denoising loss alone: the captions use about 30 words, and the
+gradient through the UNet's cross-attention is all it needs to tell "red" from "blue". (A
+contrastive pre-training stage, as CLIP's own, would need an image tower that the model then
+throws away.) See ``docs/tiny_model.md`` for the design, the size budget and measured speeds.
+
+Data comes from :class:`jaxsd.data.shapes.ShapesDataset`: batch i is a pure function of (seed, i),
+so a resumed run sees exactly the data of an uninterrupted one. A background thread renders and
+tokenizes the next batches while the device trains on this one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import shutil
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsd import convert
+from jaxsd.clip import CLIPTextConfig, CLIPTextModel
+from jaxsd.data.shapes import ShapesDataset
+from jaxsd.tokenizer import BUILTIN_VOCABULARY, load_tokenizer, tokenize
+from jaxsd.unet import UNet, UNetConfig
+from jaxsd.vae import AutoencoderKL, VAEConfig
+
+STAGES = ("vae", "unet")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny model, as config instances.
+
+@dataclasses.dataclass(frozen=True)
+class TinyModelConfig:
+    """The three networks of the tiny model; see docs/tiny_model.md for the size budget."""
+    vae: VAEConfig = VAEConfig(
+        block_out_channels=(16, 32, 64),  # three levels: f = 4, 64 x 64 pixels -> 16 x 16 latents;
+        layers_per_block=1,               # narrow at full resolution, where the FLOPs are
+        norm_num_groups=8,
+        scaling_factor=1.0)               # replaced by 1 / std of the trained VAE's latents
+    text: CLIPTextConfig = CLIPTextConfig(
+        hidden_size=64,                   # the 49,408-row token table is 3.2M of the 3.4M parameters
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4)            # head size 16
+    unet: UNetConfig = UNetConfig(
+        block_out_channels=(32, 64, 64),  # at 16 x 16, 8 x 8, 4 x 4 latent pixels
+        layers_per_block=(1, 1, 1),
+        down_attention=(True, True, False),  # cross-attention where SD has it: all but the lowest
+        up_attention=(True, True, False),    # level, plus the mid block
+        heads=(2, 4, 4),                  # head size 16
+        transformer_depth=(1, 1, 1),
+        cross_attention_dim=64,           # = text.hidden_size
+        norm_num_groups=8,
+        time_embedding_dim=128)           # 4 x block_out_channels[0], as SD
+
+
+TINY = TinyModelConfig()
+
+# A model small enough to compile and train a few steps in CI (XLA's CPU compile of the training
+# step dominates: a minute for the three-level UNet): the same parts, one level fewer in the UNet.
+SMOKE_MODEL = TinyModelConfig(
+    vae=VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=1.0),
+    text=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    unet=UNetConfig(block_out_channels=(16, 32), layers_per_block=(1, 1),
+                    down_attention=(True, False), up_attention=(True, False),
+                    heads=(2, 4), transformer_depth=(1, 1), cross_attention_dim=32,
+                    norm_num_groups=8, time_embedding_dim=64))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one stage."""
+    steps: int = 20_000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 500            # linear warmup, then cosine decay to 10% of the peak
+    weight_decay: float = 0.01         # AdamW, on kernels and embeddings only (not norms, biases)
+    grad_clip: float = 1.0             # global gradient norm
+    ema_decay: float = 0.999           # exponential moving average of the weights, which we ship
+    kl_weight: float = 1e-5            # VAE only: weight of the per-element KL term
+    caption_dropout: float = 0.1       # UNet only: share of captions replaced by ""
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"TrainConfig: caption_dropout={self.caption_dropout} must be in [0, 1)")
+
+
+# Presets: the full run, and the CI smoke run (a minute on two CPU cores). The full run's step
+# counts are an estimate (docs/tiny_model.md): about 2 h (VAE) + 8 h (UNet) on two free cores.
+FULL = {"vae": TrainConfig(steps=4_000, batch_size=32, learning_rate=1e-3),
+        "unet": TrainConfig(steps=30_000, batch_size=32, learning_rate=5e-4)}
+SMOKE = {"vae": TrainConfig(steps=30, batch_size=8, learning_rate=2e-3, warmup_steps=5),
+         "unet": TrainConfig(steps=30, batch_size=8, learning_rate=2e-3, warmup_steps=5)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The noise schedule (Rombach et al., 2022: "scaled_linear", as SD 1.x/2.x).
+
+def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000) -> np.ndarray:
+    """abar_t = prod_{s <= t} (1 - beta_s), with beta_t = linspace(sqrt(b0), sqrt(b1), T)^2 (float64)."""
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+# ---------------------------------------------------------------------------------------------
+# State, optimiser, losses, steps.
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array         # [] int32, steps taken
+    params: Any             # the trained pytree: VAE params, or {"text": ..., "unet": ...}
+    ema: Any                # the exponential moving average of params (what gets exported)
+    opt_state: Any         # optax state of params
+    key: jax.Array          # the run's PRNG key; step i uses fold_in(key, i)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=0.1 * cfg.learning_rate)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+def vae_loss(vae: AutoencoderKL, params, images, key, kl_weight: float):
+    """images [B, H, W, 3] in [-1, 1] -> (loss, metrics). Kingma & Welling (2014), eq. 10."""
+    posterior = vae.apply({"params": params}, images, method=vae.encode)
+    z = posterior.sample(key)
+    recon = vae.apply({"params": params}, z, method=vae.decode)
+    l1 = jnp.abs(recon - images).mean()
+    # KL(N(mu, sigma^2) || N(0, 1)) = (mu^2 + sigma^2 - 1 - log sigma^2) / 2, per latent element
+    kl = 0.5 * (jnp.square(posterior.mean) + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar).mean()
+    return l1 + kl_weight * kl, {"l1": l1, "kl": kl}
+
+
+def diffusion_loss(text_model: CLIPTextModel, unet: UNet, params, latents, input_ids, key,
+                   alphas_cumprod):
+    """Epsilon-prediction loss on scaled latents [B, h, w, C] with token ids [B, 77]."""
+    B = latents.shape[0]
+    t_key, noise_key = jax.random.split(key)
+    t_B = jax.random.randint(t_key, (B,), 0, alphas_cumprod.shape[0])
+    eps = jax.random.normal(noise_key, latents.shape, latents.dtype)
+    abar = alphas_cumprod[t_B][:, None, None, None]
+    noisy = jnp.sqrt(abar) * latents + jnp.sqrt(1.0 - abar) * eps         # Ho et al. (2020), eq. 4
+    text_BSD = text_model.apply({"params": params["text"]}, input_ids).last_hidden_state
+    eps_hat = unet.apply({"params": params["unet"]}, noisy, t_B, text_BSD)
+    loss = jnp.square(eps_hat.astype(jnp.float32) - eps).mean()            # Ho et al. (2020), eq. 14
+    return loss, {"mse": loss}
+
+
+def _update(state: TrainState, grads, optimizer, ema_decay):
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, params)
+    return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
+
+
+# The steps are jitted once per (model config, train config): both are frozen dataclasses, so
+# they are hashable static arguments, and a second run with the same configs (a resumed run in the
+# same process, a test) reuses the compiled step.
+
+@partial(jax.jit, static_argnames=("model", "cfg"))
+def vae_step(state: TrainState, images_uint8, *, model: TinyModelConfig, cfg: TrainConfig):
+    """One VAE step: (state, images uint8 [B, H, W, 3]) -> (state, metrics)."""
+    vae = AutoencoderKL(model.vae)
+    x = images_uint8.astype(jnp.float32) / 127.5 - 1.0                 # [0, 255] -> [-1, 1]
+    key = jax.random.fold_in(state.key, state.step)
+    (loss, metrics), grads = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)(
+        vae, state.params, x, key, cfg.kl_weight)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    return _update(state, grads, make_optimizer(cfg), cfg.ema_decay), metrics
+
+
+@partial(jax.jit, static_argnames=("model", "cfg"))
+def unet_step(state: TrainState, vae_params, images_uint8, input_ids, *, model: TinyModelConfig,
+              cfg: TrainConfig):
+    """One text encoder + UNet step on the frozen VAE's latents:
+    (state, VAE params, images uint8 [B, H, W, 3], input_ids [B, 77]) -> (state, metrics)."""
+    vae = AutoencoderKL(model.vae)
+    alphas_cumprod = jnp.asarray(scaled_linear_alphas_cumprod(), jnp.float32)
+    x = images_uint8.astype(jnp.float32) / 127.5 - 1.0
+    key = jax.random.fold_in(state.key, state.step)
+    z_key, loss_key = jax.random.split(key)
+    posterior = vae.apply({"params": vae_params}, x, method=vae.encode)   # frozen: no gradient
+    latents = jax.lax.stop_gradient(posterior.sample(z_key)) * model.vae.scaling_factor
+    (loss, metrics), grads = jax.value_and_grad(diffusion_loss, argnums=2, has_aux=True)(
+        CLIPTextModel(model.text), UNet(model.unet), state.params, latents, input_ids, loss_key,
+        alphas_cumprod)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    return _update(state, grads, make_optimizer(cfg), cfg.ema_decay), metrics
+
+
+def init_state(stage: str, model: TinyModelConfig, cfg: TrainConfig) -> TrainState:
+    """Fresh parameters (see :func:`init_params`) and optimiser state for a stage."""
+    _check_choice("stage", stage, STAGES)
+    rng = np.random.default_rng([cfg.seed, STAGES.index(stage)])
+    f = model.vae.downsample_factor
+    if stage == "vae":
+        params = init_params(AutoencoderKL(model.vae), rng, jnp.zeros((1, 64, 64, 3)))
+    else:
+        unet = UNet(model.unet)
+        params = {"text": init_params(CLIPTextModel(model.text), rng,
+                                      jnp.zeros((1, model.text.max_position_embeddings), jnp.int32)),
+                  "unet": init_params(unet, rng, *unet.example_inputs(1, 64 // f))}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+                      opt_state=make_optimizer(cfg).init(params),
+                      key=jax.random.PRNGKey(cfg.seed))  # raw uint32[2]: checkpoints store it as is
+
+
+def init_params(module, rng: np.random.Generator, *example_inputs) -> dict:
+    """Random initial parameters, drawn on the host from the shapes of ``module.init``.
+
+    flax's own ``init`` runs the forward pass, which XLA must compile (20-30 s on two CPU
+    cores for the tiny UNet); the shapes alone come from tracing, for free. The scheme:
+    kernels ~ truncated N(0, 1 / fan_in) (LeCun; flax's default), embeddings ~ N(0, 0.02^2)
+    (GPT-2, CLIP), norm scales 1, biases 0.
+    """
+    shapes = convert.expected_shapes(module, *example_inputs)
+    params = {}
+    for path, shape in shapes.items():
+        name = path.rsplit("/", 1)[-1]
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1]))        # Dense (in, out); Conv (kH, kW, in, out)
+            # truncated to +-2 std; 0.8796 is the std of a standard normal truncated there
+            w = np.clip(rng.standard_normal(shape), -2, 2) / 0.8796 / np.sqrt(fan_in)
+        elif name in ("embedding", "position_embedding"):
+            w = 0.02 * rng.standard_normal(shape)
+        elif name == "scale":
+            w = np.ones(shape)
+        elif name == "bias":
+            w = np.zeros(shape)
+        else:
+            raise ValueError(f"init_params: no rule for parameter {path!r} of shape {shape}; "
+                             f"known names: kernel, embedding, position_embedding, scale, bias")
+        params[path] = jnp.asarray(w, jnp.float32)
+    return convert.unflatten(params)
+
+
+def measure_scaling_factor(vae: AutoencoderKL, params, data: ShapesDataset, batches: int = 8,
+                           batch_size: int = 64) -> float:
+    """1 / std of the VAE's latent means over some batches (Rombach et al., 2022, sec. 4.3.2)."""
+    encode = jax.jit(lambda x: vae.apply({"params": params}, x, method=vae.encode).mean)
+    z = [np.asarray(encode(data.batch(10_000_000 + i, batch_size).images.astype(np.float32) / 127.5 - 1))
+         for i in range(batches)]
+    return float(1.0 / np.std(np.concatenate(z)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: batches rendered and tokenized ahead, in a background thread.
+
+class CaptionTokenizer:
+    """Caption -> CLIP ids [77], memoised (the dataset's captions repeat) and thread-safe enough."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer or load_tokenizer()
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, captions: list[str]) -> np.ndarray:
+        for c in set(captions) - self.cache.keys():
+            self.cache[c] = tokenize(self.tokenizer, c)[0]
+        return np.stack([self.cache[c] for c in captions])
+
+
+def training_batches(stage: str, data: ShapesDataset, cfg: TrainConfig, start: int,
+                     tokenizer: CaptionTokenizer | None = None) -> Iterator[tuple]:
+    """Batch ``start``, ``start + 1``, ...: (images,) for the VAE, (images, ids) for the UNet.
+
+    Caption dropout happens here: which captions become "" depends only on (seed, step).
+    """
+    for index, batch in enumerate(data.batches(cfg.batch_size, start), start):
+        if stage == "vae":
+            yield (batch.images,)
+            continue
+        rng = np.random.default_rng([cfg.seed, index, 7])
+        drop = rng.random(cfg.batch_size) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(batch.captions, drop)]
+        yield batch.images, tokenizer(captions)
+
+
+def prefetch(iterator: Iterator, size: int = 4) -> Iterator:
+    """Run ``iterator`` in a daemon thread, ``size`` items ahead (NumPy releases the GIL)."""
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as error:  # hand the error to the consumer
+            items.put(error)
+        items.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := items.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: the whole TrainState (msgpack) plus the configs (JSON), per stage.
+
+def save_checkpoint(folder: str | os.PathLike, stage: str, state: TrainState, model: TinyModelConfig,
+                    cfg: TrainConfig) -> Path:
+    """Write ``folder/<stage>.msgpack`` and ``folder/<stage>.json``, atomically (rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stage}.msgpack"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(flax.serialization.to_bytes(jax.device_get(state)))
+    os.replace(tmp, path)
+    (folder / f"{stage}.json").write_text(json.dumps(
+        {"step": int(state.step), "model": _to_json(model), "train": dataclasses.asdict(cfg)}, indent=1))
+    return path
+
+
+def load_checkpoint(folder: str | os.PathLike, stage: str, template: TrainState) -> TrainState | None:
+    """The stage's saved state, shaped like ``template``; None when there is none yet."""
+    path = Path(folder) / f"{stage}.msgpack"
+    if not path.is_file():
+        return None
+    return flax.serialization.from_bytes(template, path.read_bytes())
+
+
+def saved_step(folder: str | os.PathLike, stage: str) -> int:
+    """The step of the stage's checkpoint in ``folder`` (0 when there is none)."""
+    path = Path(folder) / f"{stage}.json"
+    return json.loads(path.read_text())["step"] if path.is_file() else 0
+
+
+def load_model_config(folder: str | os.PathLike) -> TinyModelConfig | None:
+    """The model config saved with the VAE stage (it carries the measured scaling_factor)."""
+    path = Path(folder) / "vae.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())["model"]
+    return TinyModelConfig(vae=VAEConfig(**saved["vae"]), text=CLIPTextConfig(**saved["text"]),
+                           unet=UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in saved["unet"].items()}))
+
+
+def _to_json(config) -> dict:
+    return {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop, with no printing: the caller gets every step's metrics through ``on_step``.
+
+def run_stage(stage: str, folder: str | os.PathLike, model: TinyModelConfig = TINY,
+              cfg: TrainConfig | None = None, *, save_every: int = 1000,
+              on_step: Callable[[int, dict], None] | None = None, metrics_every: int = 10,
+              stop_after: int | None = None) -> tuple[TrainState, TinyModelConfig]:
+    """Train one stage, resuming from ``folder`` if it holds a checkpoint of it.
+
+    :param stage: "vae" or "unet" (the UNet stage needs the finished VAE stage in ``folder``).
+    :param cfg: the stage's :class:`TrainConfig` (default: ``FULL[stage]``).
+    :param save_every: write a checkpoint every this many steps, and at the end.
+    :param on_step: called as ``on_step(step, metrics)`` after every step, with the metrics as
+        floats every ``metrics_every`` steps and None otherwise (reading them back makes the
+        host wait for the device, which then idles while the next step is dispatched).
+    :param stop_after: stop after this many steps of this call (to split a run), saving first.
+    :returns: (the final state, the model config, with the VAE's measured scaling_factor).
+    """
+    _check_choice("stage", stage, STAGES)
+    cfg = cfg or FULL[stage]
+    data = ShapesDataset(seed=cfg.seed)
+    if stage == "vae":
+        step_fn = partial(vae_step, model=model, cfg=cfg)
+    else:
+        saved = load_model_config(folder)
+        vae_state = load_checkpoint(folder, "vae", init_state("vae", saved, FULL["vae"])) if saved else None
+        if vae_state is None:
+            raise FileNotFoundError(f"stage='unet' needs a trained VAE: {str(folder)!r} has no "
+                                    f"vae.msgpack / vae.json; run stage 'vae' into the same folder first")
+        model = dataclasses.replace(model, vae=saved.vae)
+        step_fn = lambda state, *batch: unet_step(state, vae_state.ema, *batch, model=model, cfg=cfg)
+
+    state = init_state(stage, model, cfg)
+    state = load_checkpoint(folder, stage, state) or state
+    start = int(state.step)
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    tokenizer = CaptionTokenizer() if stage == "unet" else None
+    batches = prefetch(training_batches(stage, data, cfg, start, tokenizer))
+    for index in range(start, end):
+        state, metrics = step_fn(state, *next(batches))
+        if on_step is not None:
+            on_step(index + 1, {k: float(v) for k, v in metrics.items()}
+                    if (index + 1) % metrics_every == 0 else None)
+        if (index + 1) % save_every == 0 and index + 1 < end:
+            save_checkpoint(folder, stage, state, model, cfg)
+    if stage == "vae" and end == cfg.steps:
+        # The diffusion model wants latents of about unit variance (Rombach et al., 2022, D.1).
+        scale = measure_scaling_factor(AutoencoderKL(model.vae), state.ema, data)
+        model = dataclasses.replace(model, vae=dataclasses.replace(model.vae, scaling_factor=scale))
+    save_checkpoint(folder, stage, state, model, cfg)
+    return state, model
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: python -m jaxsd.train OUT (or `jaxsd train-tiny OUT` once cli.py hooks it in).
+
+def add_arguments(parser) -> None:
+    """The train-tiny options, for ``jaxsd.cli`` to add to its subcommand."""
+    parser.add_argument("out", help="run folder: checkpoints (vae.msgpack, unet.msgpack) and the "
+                        "exported model (OUT/model); an existing run resumes where it stopped")
+    parser.add_argument("--preset", choices=("full", "smoke"), default="full",
+                        help="full: the shipped model's schedule; smoke: a minute-long check")
+    parser.add_argument("--stage", choices=("all", *STAGES), default="all")
+    parser.add_argument("--save-every", type=int, default=500, metavar="STEPS")
+    parser.add_argument("--log-every", type=int, default=100, metavar="STEPS")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                        help="stop each stage after this many steps of this call (resume later)")
+
+
+def command(args) -> int:
+    """Train the tiny model stage by stage, then export OUT/model in diffusers' layout."""
+    import logging
+
+    from tqdm import tqdm
+
+    from jaxsd.export import export_diffusers
+
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    log = logging.getLogger("jaxsd.train")
+    log.setLevel(logging.INFO)
+    presets = FULL if args.preset == "full" else SMOKE
+    model = TINY if args.preset == "full" else SMOKE_MODEL
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        cfg = presets[stage]
+        bar = tqdm(total=cfg.steps, initial=saved_step(args.out, stage), desc=stage, unit="step",
+                   dynamic_ncols=True)
+        log.info("stage %s: %s", stage, cfg)
+
+        def on_step(step, metrics, bar=bar, stage=stage):
+            bar.update(1)
+            if metrics is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if step % args.log_every == 0:
+                    log.info("%s step %d: %s", stage, step,
+                             " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+
+        state, model = run_stage(stage, args.out, model, cfg, save_every=args.save_every,
+                                 on_step=on_step, stop_after=args.stop_after)
+        bar.close()
+        if int(state.step) < cfg.steps:
+            log.info("stage %s stopped at step %d of %d; run again to resume", stage, int(state.step), cfg.steps)
+            return 0
+    if args.stage == "all":
+        vae_state = load_checkpoint(args.out, "vae", init_state("vae", model, presets["vae"]))
+        unet_state = load_checkpoint(args.out, "unet", init_state("unet", model, presets["unet"]))
+        folder = export_diffusers(Path(args.out) / "model", text_config=model.text,
+                                  text_params=unet_state.ema["text"], unet_config=model.unet,
+                                  unet_params=unet_state.ema["unet"], vae_config=model.vae,
+                                  vae_params=vae_state.ema)
+        log.info("exported %s", folder)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jaxsd.train", description=(
+        "Train the tiny shapes model from scratch: VAE, then CLIP text encoder + UNet."))
+    add_arguments(parser)
+    return command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Training the tiny model: losses, the jitted steps, checkpoints and resuming, on a small config.
+
+The CI smoke test: a few steps of each stage must lower the loss. (The full run is
+``python -m jaxsd.train runs/tiny``; see docs/tiny_model.md.)
+"""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsd import train
+
+MODEL = train.SMOKE_MODEL
+
+
+def _losses(stage, folder, cfg, **kwargs):
+    losses = []
+    state, model = train.run_stage(stage, folder, MODEL, cfg, save_every=10_000, metrics_every=1,
+                                   on_step=lambda step, m: losses.append(m["loss"]), **kwargs)
+    return state, model, losses
+
+
+def test_schedule_is_sd_scaled_linear():
+    abar = train.scaled_linear_alphas_cumprod()
+    betas = 1 - abar / np.concatenate([[1.0], abar[:-1]])
+    np.testing.assert_allclose(betas[[0, -1]], [0.00085, 0.012], rtol=1e-12)
+    np.testing.assert_allclose(np.sqrt(betas[1:]) - np.sqrt(betas[:-1]),
+                               (0.012 ** 0.5 - 0.00085 ** 0.5) / 999, rtol=1e-9)
+
+
+def test_both_stages_lower_the_loss_and_resume_exactly(tmp_path):
+    vae_cfg = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5)
+    state, model, losses = _losses("vae", tmp_path, vae_cfg)
+    assert int(state.step) == 40 and len(losses) == 40
+    # L1 starts near mean |x| ~ 0.5 and must fall (single steps are noisy: compare 5-step means).
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert model.vae.scaling_factor != 1.0 and np.isfinite(model.vae.scaling_factor)
+    assert train.load_model_config(tmp_path) == model
+
+    unet_cfg = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5)
+    # Twice 20 steps, resuming from the checkpoint, then the same 40 steps in one go: identical.
+    train.run_stage("unet", tmp_path, MODEL, unet_cfg, stop_after=20)
+    assert train.saved_step(tmp_path, "unet") == 20
+    resumed, _, losses = _losses("unet", tmp_path, unet_cfg)
+    assert int(resumed.step) == 40
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    for name in ("vae.msgpack", "vae.json"):
+        (straight_dir / name).write_bytes((tmp_path / name).read_bytes())
+    straight, _, straight_losses = _losses("unet", straight_dir, unet_cfg)
+    assert straight_losses[20:] == losses
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+    # eps-prediction MSE starts near 1 (or above) and must fall.
+    assert np.mean(straight_losses[-5:]) < 0.8 * np.mean(straight_losses[:5]), straight_losses
+
+
+def test_unet_stage_needs_the_vae(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run stage 'vae'"):
+        train.run_stage("unet", tmp_path, MODEL, train.SMOKE["unet"])
+    with pytest.raises(ValueError, match="stage='gan'"):
+        train.run_stage("gan", tmp_path, MODEL)
