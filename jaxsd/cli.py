@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=DTYPES, default="float32")
     info.set_defaults(run=_info)
 
+    train = commands.add_parser("train-tiny", help="train the tiny shapes model from scratch")
+    from jaxsd import train as train_module
+    train_module.add_arguments(train)
+    train.set_defaults(run=train_module.command)
+
     tok = commands.add_parser("tokenize", help="show the CLIP token ids of a prompt")
     tok.add_argument("prompt")
     tok.add_argument("--tokenizer", default=None, help="a checkpoint's tokenizer/ folder "
