@@ -25,6 +25,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.numpy import load_file, save_file
 
 from jaxsd.convert import ConversionError
+from jaxsd.layers import blocked_attention
 from jaxsd.unet import SD15, SD21, UNet, UNetConfig, load_unet
 
 FLOAT32_TOLERANCE = 1e-4   # of the output scale
@@ -232,6 +233,18 @@ class TestSD21:
     def test_matches_diffusers(self, real):
         model, params, args, expected = real
         assert relative_error(jax.jit(model.apply)({"params": params}, *args), expected) <= FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocked_attention_matches_jax(dtype):
+    """The CPU attention path, with a query count that needs padding to whole blocks (300 = 256 + 44)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, T, 3, 40)), dtype) for T in (300, 77, 77))
+    expected = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    ours = jax.jit(blocked_attention)(q, k, v)
+    assert ours.dtype == dtype
+    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(expected, np.float32), atol=tolerance)
 
 
 # ---------------------------------------------------------------------------------------------
