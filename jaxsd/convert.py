@@ -301,7 +301,7 @@ CLIP_TEXT = Table(
 #   up_blocks.{i}.resnets.{j}.conv_shortcut.weight  (i = 0..L-1) -> up_{L-1-i}_res_{j}/shortcut/kernel
 
 def _weight_rows(theirs: str, ours: str, kind: str):
-    """One module's weight and bias rows; ``kind`` is norm, conv, linear or linear_no_bias."""
+    """One module's weight and bias rows; ``kind``: norm, conv, conv1x1 (to a Dense), linear, linear_no_bias."""
     weight = {"norm": ("scale", COPY), "conv": ("kernel", CONV), "linear": ("kernel", LINEAR),
               "linear_no_bias": ("kernel", LINEAR), "conv1x1": ("kernel", CONV1X1_AS_LINEAR)}[kind]
     rows = [(f"{theirs}.weight", f"{ours}/{weight[0]}", weight[1])]

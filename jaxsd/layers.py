@@ -126,7 +126,7 @@ def blocked_attention(q_BTNH, k_BSNH, v_BSNH, block: int = 256):
 
     XLA's CPU backend computes all B*N score matrices at once ([B, N, T, S]: 1 GiB of float32
     for SD's self-attention at a 64x64 latent) and streams them through memory several times.
-    One [block, S] slice at a time stays in cache: about 8x faster on CPU, on par with
+    One [block, S] slice at a time stays in cache: about 9x faster on CPU, on par with
     PyTorch's flash-attention kernel. As in JAX, scores and softmax are float32.
     """
     B, T, N, H = q_BTNH.shape

@@ -145,14 +145,25 @@ _UNSUPPORTED = {
 }
 _BLOCK_TYPES = {"down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")}
+# Fields read by from_diffusers, and fields that do not change the computation here.
+_READ = {"block_out_channels", "layers_per_block", "attention_head_dim", "transformer_layers_per_block",
+         "cross_attention_dim", "use_linear_projection", "upcast_attention", "in_channels", "out_channels",
+         "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift", "time_embedding_dim"}
+_IRRELEVANT = {"sample_size", "dropout",  # the sample size is free; no dropout at inference
+               # only used together with the class/added embeddings refused above:
+               "addition_embed_type_num_heads", "addition_time_embed_dim",
+               "projection_class_embeddings_input_dim", "class_embeddings_concat"}
 
 
 def _check_supported(config: dict) -> None:
+    unknown = sorted(set(config) - _READ - _IRRELEVANT - set(_UNSUPPORTED) - set(_BLOCK_TYPES))
+    unknown = [name for name in unknown if not name.startswith("_")]  # _class_name, _diffusers_version
+    if unknown:
+        logger.warning("UNet config fields unknown to jaxsd, ignored: %s", ", ".join(unknown))
     for name, (accepted, feature) in _UNSUPPORTED.items():
         value = config.get(name, accepted[0])
-        if isinstance(value, list) and name == "only_cross_attention":
-            value = any(value)
-        if value not in accepted:
+        per_level = isinstance(value, list) and name == "only_cross_attention"  # one flag per level
+        if (any(value) if per_level else value) not in accepted:
             raise NotImplementedError(
                 f"UNet config field {name!r} = {value!r} needs {feature}, which jaxsd does not implement; "
                 f"supported: {' or '.join(repr(a) for a in accepted)}")
@@ -164,13 +175,10 @@ def _check_supported(config: dict) -> None:
     if config.get("norm_num_groups", 32) is None:
         raise NotImplementedError("UNet config field 'norm_num_groups' = None (no output norm) is not "
                                   "implemented; supported: an int such as 32")
-    if any(isinstance(d, (list, tuple)) for d in _as_list(config.get("transformer_layers_per_block", 1))):
-        raise NotImplementedError("UNet config field 'transformer_layers_per_block' has per-ResNet lists "
-                                  "(SDXL style); supported: an int or one int per level")
-
-
-def _as_list(value):
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    depth = config.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)) and any(isinstance(d, (list, tuple)) for d in depth):
+        raise NotImplementedError(f"UNet config field 'transformer_layers_per_block' = {depth!r} has "
+                                  f"per-ResNet lists (SDXL style); supported: an int or one int per level")
 
 
 # The UNets of the released checkpoints, as parsed from their config.json.

@@ -1,0 +1,322 @@
+"""jaxsd.unet against diffusers' UNet2DConditionModel (PyTorch), with random weights.
+
+Each reference model gets fresh random parameters (weights N(0, 1/fan_in), norm scales
+N(1, 0.1), biases N(0, 0.1)), so that layers diffusers initialises to zero or one cannot hide
+a mistake; it is saved with ``save_pretrained`` and read back through ``load_unet``.
+
+Tolerances (float32, on 2 CPU cores), stated as max |ours - diffusers| / max |diffusers|:
+    float32:              <= 1e-4   (measured: 1.4e-6 to 3.3e-6 on the tiny configs; 2.9e-6 on
+                                     SD 1.5 and 4.5e-6 on SD 2.1 at a 16x16 latent, that is a
+                                     max abs error of 7e-6 and 1.1e-5 on outputs of scale 2.5)
+    bfloat16 vs float32:  <= 5e-2   (measured: 1.4e-2 for SD 1.5 at 16x16 with bfloat16 compute
+                                     and parameters, 1.6e-2 for SD 2.1; 2.0e-2 on the tiny SD 2
+                                     config with float32 parameters), and no NaN.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.numpy import load_file, save_file
+
+from jaxsd.convert import ConversionError
+from jaxsd.layers import blocked_attention
+from jaxsd.unet import SD15, SD21, UNet, UNetConfig, load_unet
+
+FLOAT32_TOLERANCE = 1e-4   # of the output scale
+BFLOAT16_TOLERANCE = 5e-2  # of the output scale
+
+# The config.json files of the released checkpoints (runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-2-1, unet/config.json), as published.
+_SD_BLOCKS = {
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD15_CONFIG_JSON = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
+    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+    "cross_attention_dim": 768, "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+    "norm_num_groups": 32, "out_channels": 4, "sample_size": 64, **_SD_BLOCKS,
+}
+SD21_CONFIG_JSON = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0", "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 1024, "downsample_padding": 1,
+    "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4, "sample_size": 96,
+    "upcast_attention": True, "use_linear_projection": True, **_SD_BLOCKS,
+}
+# Small configs that exercise every config field jaxsd reads.
+TINY_CONFIGS = {
+    # SD 1.x style: conv projections, one head count for all levels.
+    "sd1": dict(block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=2, norm_num_groups=8,
+                cross_attention_dim=16, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
+    # SD 2.x style: linear projections, per-level heads, upcast attention, per-level transformer
+    # depth; attention on the inner levels only (so up/down flags are not mirror images by accident).
+    "sd2": dict(block_out_channels=[32, 64, 64], layers_per_block=2, attention_head_dim=[2, 4, 8],
+                norm_num_groups=8, cross_attention_dim=24, use_linear_projection=True, upcast_attention=True,
+                transformer_layers_per_block=[1, 2, 1], flip_sin_to_cos=False, freq_shift=1,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    # Inpainting: latent + mask + masked-image latent; also a mid block without attention and
+    # per-level layers_per_block.
+    "inpaint": dict(block_out_channels=[32, 64], layers_per_block=[1, 2], attention_head_dim=4,
+                    norm_num_groups=16, cross_attention_dim=16, in_channels=9,
+                    mid_block_type="UNetMidBlock2D", down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def randomised_reference(config: dict, seed: int = 0) -> UNet2DConditionModel:
+    """diffusers' UNet for ``config`` with every parameter drawn afresh (no zero-init layers)."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):  # skip diffusers' own init: we overwrite every tensor anyway
+        model = UNet2DConditionModel.from_config(config)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            elif name.endswith("weight"):  # GroupNorm / LayerNorm scales
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def reference_output(model, sample_BHWC, timesteps, text) -> np.ndarray:
+    """diffusers' output, NHWC. ``timesteps``: a Python number or an array."""
+    t = timesteps if isinstance(timesteps, (int, float)) else torch.from_numpy(np.asarray(timesteps))
+    with torch.no_grad():
+        out = model(torch.from_numpy(sample_BHWC).permute(0, 3, 1, 2), t, torch.from_numpy(text)).sample
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def inputs(config: UNetConfig, batch: int, size: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    sample = rng.standard_normal((batch, size, size, config.in_channels), dtype=np.float32)
+    text = rng.standard_normal((batch, 77, config.cross_attention_dim), dtype=np.float32)
+    return sample, text
+
+
+def relative_error(ours, reference) -> float:
+    ours = np.asarray(ours, dtype=np.float32)
+    assert ours.shape == reference.shape
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def saved_reference(config: dict, folder) -> UNet2DConditionModel:
+    model = randomised_reference(config)
+    model.save_pretrained(folder)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny configs: float32 equivalence, timesteps of every kind
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> (diffusers model, jaxsd model, params, jitted apply), built once per tiny config."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(f"unet_{name}")
+            reference = saved_reference(TINY_CONFIGS[name], folder)
+            model, params = load_unet(folder)
+            built[name] = reference, model, params, jax.jit(model.apply)
+        return built[name]
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_tiny_configs_match_diffusers(tiny, name):
+    """A batch with a different, fractional timestep per sample (as the Karras samplers give)."""
+    reference, model, params, apply = tiny(name)
+    sample, text = inputs(model.config, batch=3, size=8)
+    timesteps = np.array([0.0, 250.25, 999.75], np.float32)
+    expected = reference_output(reference, sample, timesteps, text)
+    ours = apply({"params": params}, sample, jnp.asarray(timesteps), text)
+    assert ours.dtype == jnp.float32
+    assert relative_error(ours, expected) <= FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("timesteps", [
+    37,                        # a Python int, as diffusers' pipelines pass it
+    981.5,                     # a Python float
+    np.array([0, 500, 999]),   # per-sample integers
+], ids=["int", "float", "int_vector"])
+def test_timestep_kinds_match_diffusers(tiny, timesteps):
+    reference, model, params, apply = tiny("sd1")  # one config: each kind compiles anew
+    sample, text = inputs(model.config, batch=3, size=8)
+    expected = reference_output(reference, sample, timesteps, text)
+    ours = apply({"params": params}, sample, jnp.asarray(timesteps), text)
+    assert relative_error(ours, expected) <= FLOAT32_TOLERANCE
+
+
+def test_bfloat16_compute_with_float32_params(tiny):
+    reference, model, params, _ = tiny("sd2")
+    sample, text = inputs(model.config, batch=2, size=8)
+    expected = reference_output(reference, sample, np.array([10, 900]), text)
+    bf16 = UNet(model.config, dtype=jnp.bfloat16)
+    ours = jax.jit(bf16.apply)({"params": params}, sample, jnp.array([10, 900]), text)
+    assert ours.dtype == jnp.bfloat16
+    assert not np.isnan(np.asarray(ours, np.float32)).any()
+    assert relative_error(ours, expected) <= BFLOAT16_TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------
+# The real SD 1.5 and SD 2.1 UNets (860M parameters each) at a 16x16 latent.
+# Each class holds one model at a time: its fixtures are torn down before the next class.
+
+def _real(config_json, tmp_path_factory, name):
+    folder = tmp_path_factory.mktemp(name)
+    reference = saved_reference(config_json, folder)
+    config = UNetConfig.from_diffusers(config_json)
+    sample, text = inputs(config, batch=2, size=16)
+    timesteps = np.array([999, 261.5], np.float32)
+    expected = reference_output(reference, sample, timesteps, text)
+    del reference  # 3.4 GB
+    model, params = load_unet(folder)
+    return model, params, (sample, timesteps, text), expected
+
+
+@pytest.mark.slow
+class TestSD15:
+    @pytest.fixture(scope="class")
+    def real(self, tmp_path_factory):
+        return _real(SD15_CONFIG_JSON, tmp_path_factory, "sd15")
+
+    @pytest.fixture(scope="class")
+    def float32_output(self, real):
+        model, params, args, _ = real
+        return jax.jit(model.apply)({"params": params}, *args)
+
+    def test_config_is_the_sd15_preset(self):
+        assert UNetConfig.from_diffusers(SD15_CONFIG_JSON) == SD15
+
+    def test_matches_diffusers(self, real, float32_output):
+        assert relative_error(float32_output, real[3]) <= FLOAT32_TOLERANCE
+
+    def test_bfloat16_stays_close_to_float32(self, real, float32_output):
+        model, params, args, _ = real
+        params_bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        ours = jax.jit(UNet(model.config, dtype=jnp.bfloat16).apply)({"params": params_bf16}, *args)
+        assert not np.isnan(np.asarray(ours, np.float32)).any()
+        assert relative_error(ours, np.asarray(float32_output)) <= BFLOAT16_TOLERANCE
+
+
+@pytest.mark.slow
+class TestSD21:
+    @pytest.fixture(scope="class")
+    def real(self, tmp_path_factory):
+        return _real(SD21_CONFIG_JSON, tmp_path_factory, "sd21")
+
+    def test_config_is_the_sd21_preset(self):
+        config = UNetConfig.from_diffusers(SD21_CONFIG_JSON)
+        assert config == SD21
+        # The head-dim trap: "attention_head_dim" [5, 10, 20, 20] is the number of heads;
+        # the head size is 64 on every level.
+        assert [c // h for c, h in zip(config.block_out_channels, config.heads)] == [64] * 4
+
+    def test_matches_diffusers(self, real):
+        model, params, args, expected = real
+        assert relative_error(jax.jit(model.apply)({"params": params}, *args), expected) <= FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocked_attention_matches_jax(dtype):
+    """The CPU attention path, with a query count that needs padding to whole blocks (300 = 256 + 44)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, T, 3, 40)), dtype) for T in (300, 77, 77))
+    expected = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    ours = jax.jit(blocked_attention)(q, k, v)
+    assert ours.dtype == dtype
+    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(expected, np.float32), atol=tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs, bad configs, bad checkpoints
+
+@pytest.fixture(scope="module")
+def tiny_sd1(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unet_errors")
+    saved_reference(TINY_CONFIGS["sd1"], folder)
+    return folder
+
+
+@pytest.mark.parametrize("shape, text_shape, timesteps, message", [
+    ((1, 12, 16, 4), (1, 77, 16), 1, r"height x width 12 x 16; both must be multiples of 8"),  # 4 levels
+    ((1, 16, 16, 3), (1, 77, 16), 1, r"sample has shape \(1, 16, 16, 3\); expected NHWC \[batch, height, width, 4\]"),
+    ((1, 16, 16, 4), (1, 77, 768), 1, r"encoder_hidden_states has shape \(1, 77, 768\); expected \[1, sequence, 16\]"),
+    ((2, 16, 16, 4), (2, 77, 16), np.ones(3), r"timesteps has shape \(3,\); expected a scalar or a vector of 2"),
+], ids=["size", "channels", "text_width", "timesteps"])
+def test_bad_inputs_are_named(shape, text_shape, timesteps, message):
+    config = UNetConfig(block_out_channels=(32, 32, 32, 32), heads=(2,) * 4, cross_attention_dim=16,
+                        norm_num_groups=8)
+    model = UNet(config)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), jnp.asarray(timesteps),
+                                          jnp.zeros(text_shape)))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("addition_embed_type", "text_time"),
+    ("resnet_time_scale_shift", "scale_shift"),
+    ("class_embed_type", "timestep"),
+    ("conv_in_kernel", 7),
+    ("dual_cross_attention", True),
+    ("only_cross_attention", [True, False]),
+    ("down_block_types", ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"]),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+    ("transformer_layers_per_block", [[1, 2], [2, 2]]),
+])
+def test_unsupported_config_names_the_field(field, value):
+    with pytest.raises(NotImplementedError, match=field):
+        UNetConfig.from_diffusers({**TINY_CONFIGS["sd1"], field: value})
+
+
+def test_unknown_config_field_is_logged(caplog):
+    with caplog.at_level("WARNING", logger="jaxsd.unet"):
+        config = UNetConfig.from_diffusers({**SD15_CONFIG_JSON, "some_future_option": 3})
+    assert config == SD15
+    assert "some_future_option" in caplog.text
+
+
+def test_wrong_shaped_tensor_names_the_key(tiny_sd1, tmp_path):
+    state = load_file(tiny_sd1 / "diffusion_pytorch_model.safetensors")
+    state["down_blocks.0.resnets.0.conv1.weight"] = np.zeros((32, 32, 1, 1), np.float32)
+    del state["conv_out.bias"]
+    state["mid_block.unknown.weight"] = np.zeros(3, np.float32)
+    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "config.json").write_text((tiny_sd1 / "config.json").read_text())
+    with pytest.raises(ConversionError) as error:
+        load_unet(tmp_path)
+    message = str(error.value)
+    assert "down_blocks.0.resnets.0.conv1.weight -> down_0_res_0/conv1/kernel" in message
+    assert "checkpoint (1, 1, 32, 32) (conv layout), model (3, 3, 32, 32)" in message
+    assert "conv_out/bias" in message             # missing
+    assert "mid_block.unknown.weight" in message  # unexpected
+
+
+def test_load_reads_config_json(tiny_sd1, caplog):
+    with caplog.at_level("WARNING", logger="jaxsd.unet"):
+        model, params = load_unet(tiny_sd1, dtype=jnp.bfloat16)
+    assert caplog.text == ""  # every field diffusers 0.42 writes is known
+    assert model.config == UNetConfig.from_diffusers(json.loads((tiny_sd1 / "config.json").read_text()))
+    assert model.dtype == jnp.bfloat16
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    _, params = load_unet(tiny_sd1, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
