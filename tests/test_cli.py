@@ -81,3 +81,10 @@ def test_inpaint_command(sd1_folder, tmp_path, capsys):
     written = tmp_path / "out" / "00000-1.png"
     assert f"wrote {written}" in capsys.readouterr().out
     assert Image.open(written).text["parameters"].startswith("a red cube\nSteps: 2, ")
+
+
+def test_bad_model_is_a_message_not_a_traceback(tmp_path, capsys):
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxsd generate: error: model ") and "Traceback" not in err
+    assert "neither an existing folder or file nor a Hugging Face Hub id" in err
