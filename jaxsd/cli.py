@@ -157,6 +157,53 @@ def _add_generation_options(p, *, size_help: str):
     p.set_defaults(run=_generate)
 
 
+def _train_tiny(args) -> int:
+    """Train the tiny model stage by stage, then export OUT/model in diffusers' layout."""
+    import logging
+
+    from tqdm import tqdm
+
+    from jaxsd import train
+    from jaxsd.export import export_diffusers
+
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    log = logging.getLogger("jaxsd.train")
+    log.setLevel(logging.INFO)
+    presets = train.FULL if args.preset == "full" else train.SMOKE
+    model = train.TINY if args.preset == "full" else train.SMOKE_MODEL
+    stages = train.STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        cfg = presets[stage]
+        bar = tqdm(total=cfg.steps, initial=train.saved_step(args.out, stage), desc=stage,
+                   unit="step", dynamic_ncols=True)
+        log.info("stage %s: %s", stage, cfg)
+
+        def on_step(step, metrics, bar=bar, stage=stage):
+            bar.update(1)
+            if metrics is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if step % args.log_every == 0:
+                    log.info("%s step %d: %s", stage, step,
+                             " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+
+        state, model = train.run_stage(stage, args.out, model, cfg, save_every=args.save_every,
+                                       on_step=on_step, stop_after=args.stop_after)
+        bar.close()
+        if int(state.step) < cfg.steps:
+            log.info("stage %s stopped at step %d of %d; run again to resume", stage,
+                     int(state.step), cfg.steps)
+            return 0
+    if args.stage == "all":
+        vae_state = train.load_checkpoint(args.out, "vae", train.init_state("vae", model, presets["vae"]))
+        unet_state = train.load_checkpoint(args.out, "unet", train.init_state("unet", model, presets["unet"]))
+        folder = export_diffusers(Path(args.out) / "model", text_config=model.text,
+                                  text_params=unet_state.ema["text"], unet_config=model.unet,
+                                  unet_params=unet_state.ema["unet"], vae_config=model.vae,
+                                  vae_params=vae_state.ema)
+        print(f"wrote {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxsd import __version__
 
@@ -184,9 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     train = commands.add_parser("train-tiny", help="train the tiny shapes model from scratch")
-    from jaxsd import train as train_module
-    train_module.add_arguments(train)
-    train.set_defaults(run=train_module.command)
+    train.add_argument("out", help="run folder: checkpoints (vae.msgpack, unet.msgpack) and the "
+                       "exported model (OUT/model); an existing run resumes where it stopped")
+    train.add_argument("--preset", choices=("full", "smoke"), default="full",
+                       help="full: the shipped model's schedule; smoke: a minute-long check")
+    train.add_argument("--stage", choices=("all", "vae", "unet"), default="all")
+    train.add_argument("--save-every", type=int, default=500, metavar="STEPS")
+    train.add_argument("--log-every", type=int, default=100, metavar="STEPS")
+    train.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                       help="stop each stage after this many steps of this call (resume later)")
+    train.set_defaults(run=_train_tiny)
 
     tok = commands.add_parser("tokenize", help="show the CLIP token ids of a prompt")
     tok.add_argument("prompt")

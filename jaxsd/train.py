@@ -27,11 +27,10 @@ import dataclasses
 import json
 import os
 import queue
-import shutil
 import threading
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
@@ -42,7 +41,7 @@ import optax
 from jaxsd import convert
 from jaxsd.clip import CLIPTextConfig, CLIPTextModel
 from jaxsd.data.shapes import ShapesDataset
-from jaxsd.tokenizer import BUILTIN_VOCABULARY, load_tokenizer, tokenize
+from jaxsd.tokenizer import load_tokenizer, tokenize
 from jaxsd.unet import UNet, UNetConfig
 from jaxsd.vae import AutoencoderKL, VAEConfig
 
@@ -429,75 +428,9 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
 
 
-# ---------------------------------------------------------------------------------------------
-# The command: python -m jaxsd.train OUT (or `jaxsd train-tiny OUT` once cli.py hooks it in).
+if __name__ == "__main__":  # python -m jaxsd.train OUT ... is `jaxsd train-tiny OUT ...`
+    import sys
 
-def add_arguments(parser) -> None:
-    """The train-tiny options, for ``jaxsd.cli`` to add to its subcommand."""
-    parser.add_argument("out", help="run folder: checkpoints (vae.msgpack, unet.msgpack) and the "
-                        "exported model (OUT/model); an existing run resumes where it stopped")
-    parser.add_argument("--preset", choices=("full", "smoke"), default="full",
-                        help="full: the shipped model's schedule; smoke: a minute-long check")
-    parser.add_argument("--stage", choices=("all", *STAGES), default="all")
-    parser.add_argument("--save-every", type=int, default=500, metavar="STEPS")
-    parser.add_argument("--log-every", type=int, default=100, metavar="STEPS")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
-                        help="stop each stage after this many steps of this call (resume later)")
+    from jaxsd.cli import main
 
-
-def command(args) -> int:
-    """Train the tiny model stage by stage, then export OUT/model in diffusers' layout."""
-    import logging
-
-    from tqdm import tqdm
-
-    from jaxsd.export import export_diffusers
-
-    logging.basicConfig(format="%(asctime)s %(message)s")
-    log = logging.getLogger("jaxsd.train")
-    log.setLevel(logging.INFO)
-    presets = FULL if args.preset == "full" else SMOKE
-    model = TINY if args.preset == "full" else SMOKE_MODEL
-    stages = STAGES if args.stage == "all" else (args.stage,)
-    for stage in stages:
-        cfg = presets[stage]
-        bar = tqdm(total=cfg.steps, initial=saved_step(args.out, stage), desc=stage, unit="step",
-                   dynamic_ncols=True)
-        log.info("stage %s: %s", stage, cfg)
-
-        def on_step(step, metrics, bar=bar, stage=stage):
-            bar.update(1)
-            if metrics is not None:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if step % args.log_every == 0:
-                    log.info("%s step %d: %s", stage, step,
-                             " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-
-        state, model = run_stage(stage, args.out, model, cfg, save_every=args.save_every,
-                                 on_step=on_step, stop_after=args.stop_after)
-        bar.close()
-        if int(state.step) < cfg.steps:
-            log.info("stage %s stopped at step %d of %d; run again to resume", stage, int(state.step), cfg.steps)
-            return 0
-    if args.stage == "all":
-        vae_state = load_checkpoint(args.out, "vae", init_state("vae", model, presets["vae"]))
-        unet_state = load_checkpoint(args.out, "unet", init_state("unet", model, presets["unet"]))
-        folder = export_diffusers(Path(args.out) / "model", text_config=model.text,
-                                  text_params=unet_state.ema["text"], unet_config=model.unet,
-                                  unet_params=unet_state.ema["unet"], vae_config=model.vae,
-                                  vae_params=vae_state.ema)
-        log.info("exported %s", folder)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m jaxsd.train", description=(
-        "Train the tiny shapes model from scratch: VAE, then CLIP text encoder + UNet."))
-    add_arguments(parser)
-    return command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(["train-tiny", *sys.argv[1:]]))

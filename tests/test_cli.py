@@ -88,3 +88,12 @@ def test_bad_model_is_a_message_not_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("jaxsd generate: error: model ") and "Traceback" not in err
     assert "neither an existing folder or file nor a Hugging Face Hub id" in err
+
+
+def test_train_tiny_command_stops_and_resumes(tmp_path, capsys):
+    from jaxsd import train
+    args = ["train-tiny", str(tmp_path), "--preset", "smoke", "--stage", "vae", "--stop-after", "2"]
+    assert main(args) == 0
+    assert train.saved_step(tmp_path, "vae") == 2
+    assert main(args) == 0  # resumes where it stopped
+    assert train.saved_step(tmp_path, "vae") == 4

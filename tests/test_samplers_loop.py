@@ -4,7 +4,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from sampler_reference import CONFIGS, DIFFUSERS, _scheduler_class, diffusers_loop, jax_model
+from sampler_reference import CONFIGS, DIFFUSERS, _scheduler_class, jax_model
 from jaxsd import sampling
 from jaxsd.schedule import SD1_CONFIG, ScheduleConfig
 

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import jax.numpy as jnp
-import torch
 
 from sampler_reference import CONFIGS, jax_model
 from jaxsd import sampling

@@ -3,7 +3,6 @@
 The CI smoke test: a few steps of each stage must lower the loss. (The full run is
 ``python -m jaxsd.train runs/tiny``; see docs/tiny_model.md.)
 """
-import dataclasses
 
 import jax
 import numpy as np
