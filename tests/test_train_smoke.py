@@ -28,6 +28,34 @@ def test_schedule_is_sd_scaled_linear():
                                (0.012 ** 0.5 - 0.00085 ** 0.5) / 999, rtol=1e-9)
 
 
+def test_attribute_loss_is_the_mean_cross_entropy_over_kept_captions():
+    import jax.numpy as jnp
+    D, K = 8, sum(n for _, n in train.ATTRIBUTES)
+    head = {"kernel": jnp.zeros((D, K)), "bias": jnp.zeros((K,))}   # uniform predictions
+    attributes = jnp.array([[0, 1, 2], [3, 4, 1]], jnp.int32)
+    kept = jnp.array([True, False])
+    uniform = np.mean([np.log(n) for _, n in train.ATTRIBUTES])
+    assert float(train.attribute_loss(jnp.ones((2, D)), head, attributes, kept)) == pytest.approx(uniform, rel=1e-6)
+    # a head that is sure of caption 0's attributes: loss ~0; caption 1 (dropped) does not count
+    bias = np.zeros(K, np.float32)
+    for (_, n), start, value in zip(train.ATTRIBUTES, np.cumsum([0] + [n for _, n in train.ATTRIBUTES][:-1]), [0, 1, 2]):
+        bias[start + value] = 50.0
+    sure = {"kernel": jnp.zeros((D, K)), "bias": jnp.asarray(bias)}
+    assert float(train.attribute_loss(jnp.ones((2, D)), sure, attributes, kept)) < 1e-6
+    assert float(train.attribute_loss(jnp.ones((2, D)), sure, attributes, ~kept)) > 10
+
+
+def test_learning_rate_warms_up_decays_and_restarts():
+    one = train.TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10)
+    two = train.TrainConfig(steps=200, learning_rate=1e-3, warmup_steps=10, cycle_steps=100)
+    lr1, lr2 = train.learning_rate_schedule(one), train.learning_rate_schedule(two)
+    assert float(lr1(0)) == 0 and float(lr1(10)) == pytest.approx(1e-3)
+    assert float(lr1(99)) == pytest.approx(1e-4, rel=1e-2)           # cosine down to 10% of the peak
+    assert all(float(lr2(i)) == float(lr1(i)) for i in range(100))    # the first cycle is the same run
+    assert float(lr2(100)) == pytest.approx(5e-4)                     # restart at half the peak
+    assert float(lr2(199)) == pytest.approx(5e-5, rel=1e-2)
+
+
 def test_both_stages_lower_the_loss_and_resume_exactly(tmp_path):
     vae_cfg = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5)
     state, model, losses = _losses("vae", tmp_path, vae_cfg)
