@@ -1,4 +1,4 @@
-"""The ``jaxsd`` command: generate, img2img, inpaint, info, tokenize.
+"""The ``jaxsd`` command: generate, img2img, inpaint, info, tokenize, train-tiny, evaluate.
 
 Images are written as PNGs that carry their generation parameters in a text chunk named
 ``parameters``, in the format AUTOMATIC1111's web UI writes and most SD tools read:
@@ -25,11 +25,6 @@ SAMPLER_LABELS = {
     "dpmpp_sde": "DPM++ SDE", "unipc": "UniPC", "deis": "DEIS",
 }
 DTYPES = ("float32", "bfloat16", "float16")
-NO_MODEL = (
-    "jaxsd {command}: --model is required (jaxsd has no built-in model yet). Pass a diffusers "
-    "folder (with model_index.json), a Hugging Face Hub id such as "
-    "stable-diffusion-v1-5/stable-diffusion-v1-5 (downloaded once into the Hugging Face cache), "
-    "or an original single-file .safetensors checkpoint.")
 
 
 def parameters_text(prompt, negative, *, steps, sampler, karras, guidance, seed, width, height,
@@ -77,9 +72,6 @@ def _load(args):
 
 
 def _generate(args) -> int:
-    if args.model is None:
-        print(NO_MODEL.format(command=args.command), file=sys.stderr)
-        return 2
     from jaxsd import images as imgs
 
     pipe = _load(args)
@@ -90,7 +82,7 @@ def _generate(args) -> int:
                   progress=True)
     extra = {}
     if args.command == "generate":
-        width, height = args.size or (512, 512)
+        width, height = args.size or (pipe.default_size, pipe.default_size)
         out = pipe.text_to_image(args.prompt, height=height, width=width, **common)
     else:
         image = _open_image(args.image)
@@ -140,9 +132,36 @@ def _tokenize(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    from tqdm.auto import tqdm
+
+    from jaxsd import evaluate, sampling
+    from jaxsd.data import shapes
+
+    pipe = _load(args)
+    names = list(sampling.SAMPLERS) if args.samplers == ["all"] else args.samplers
+    for name in names:
+        sampling.get_sampler(name)  # an unknown name fails before any work, listing the choices
+    prompts = shapes.evaluation_prompts()
+    print(f"{len(prompts)} held-out prompts, {args.steps} steps, guidance {args.guidance}, "
+          f"seed {args.seed}, model {args.model}")
+    print("| sampler | colours | shape | size | position | all |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        with tqdm(total=len(prompts), desc=name, unit="image", leave=False) as bar:
+            s = evaluate.evaluate_pipeline(pipe, name, num_steps=args.steps, guidance_scale=args.guidance,
+                                           karras=args.karras, seed=args.seed, prompts=prompts,
+                                           batch_size=args.batch, on_batch=bar.update)
+        label = name + (" (Karras)" if args.karras else "")
+        print(f"| {label} | {s.colors:.1%} | {s.shape:.1%} | {s.size:.1%} | {s.position:.1%} | {s.all:.1%} |",
+              flush=True)
+    return 0
+
+
 def _add_generation_options(p, *, size_help: str):
     p.add_argument("prompt")
-    p.add_argument("--model", "-m", default=None, help="a diffusers folder, a Hub id or a single-file checkpoint")
+    p.add_argument("--model", "-m", default="tiny-shapes", help="a diffusers folder, a Hub id, a "
+                   "single-file checkpoint, or the built-in tiny-shapes (the default)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -212,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="text to image")
-    _add_generation_options(gen, size_help="WIDTHxHEIGHT, multiples of 8 (default 512x512)")
+    _add_generation_options(gen, size_help="WIDTHxHEIGHT (default: the model's own size, "
+                            "512x512 for SD 1.x, 64x64 for tiny-shapes)")
 
     i2i = commands.add_parser("img2img", help="image + text to image")
     i2i.add_argument("image", help="the starting image")
@@ -241,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                        help="stop each stage after this many steps of this call (resume later)")
     train.set_defaults(run=_train_tiny)
+
+    ev = commands.add_parser("evaluate", help="score a shapes model on the 240 held-out prompts")
+    ev.add_argument("--model", "-m", default="tiny-shapes", help="default: the built-in tiny-shapes")
+    ev.add_argument("--samplers", nargs="+", default=["all"], metavar="NAME",
+                    help="sampler names, or all (the default)")
+    ev.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    ev.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+    ev.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the first batch (default 0)")
+    ev.add_argument("--batch", type=int, default=240, help="images per batch (default 240: one)")
+    ev.add_argument("--dtype", choices=DTYPES, default="float32")
+    ev.set_defaults(run=_evaluate)
 
     tok = commands.add_parser("tokenize", help="show the CLIP token ids of a prompt")
     tok.add_argument("prompt")

@@ -163,6 +163,22 @@ def evaluate_generator(generate, prompts: Sequence[shapes.Prompt] | None = None,
     return score(prompts, np.concatenate(images))
 
 
+def evaluate_pipeline(pipe, scheduler: str | None = None, *, num_steps: int = 25,
+                      guidance_scale: float = 7.5, karras: bool = False, seed: int = 0,
+                      prompts: Sequence[shapes.Prompt] | None = None, batch_size: int = 240,
+                      on_batch=None) -> Scores:
+    """Score a :class:`jaxsd.StableDiffusion` on the evaluation prompts at its native size.
+
+    The batch starting at prompt ``i`` is drawn from seed ``seed + i``, so the figures depend
+    only on the arguments (and on the machine's float arithmetic): the model card's table is
+    ``jaxsd evaluate`` with its defaults.
+    """
+    def generate(texts, first_index):
+        return pipe.text_to_image(texts, scheduler=scheduler, num_steps=num_steps,
+                                  guidance_scale=guidance_scale, karras=karras, seed=seed + first_index)
+    return evaluate_generator(generate, prompts, batch_size=batch_size, on_batch=on_batch)
+
+
 def degrade(images: np.ndarray, noise: float = 0.0, blur: float = 0.0, seed: int = 0) -> np.ndarray:
     """Gaussian blur of radius ``blur`` px, then Gaussian noise of std ``noise`` (0..255 units)."""
     from PIL import Image, ImageFilter

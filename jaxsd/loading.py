@@ -1,5 +1,7 @@
 """Where a Stable Diffusion checkpoint comes from: a local folder, a Hugging Face Hub id, or one file.
 
+    built-in name "tiny-shapes": the tiny model trained with jaxsd, shipped inside the package
+                  (``BUILTIN_MODELS``; see docs/tiny_model.md)
     folder        diffusers' layout: model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/
     Hub id        "stable-diffusion-v1-5/stable-diffusion-v1-5": downloaded by huggingface_hub into its
                   usual cache (only the files jaxsd reads), then read as a folder
@@ -35,6 +37,10 @@ SAMPLER_OF_SCHEDULER = {
 }
 
 
+# Models that ship inside the package: name -> folder in diffusers' layout.
+BUILTIN_MODELS = {"tiny-shapes": Path(__file__).parent / "assets" / "tiny-shapes"}
+
+
 class Components(NamedTuple):
     tokenizer: Any          # transformers CLIPTokenizer
     text_encoder: Any       # jaxsd.clip.CLIPTextModel
@@ -45,6 +51,7 @@ class Components(NamedTuple):
     vae_params: dict
     scheduler_config: dict  # diffusers' scheduler_config.json, _class_name included
     source: str             # what was loaded, for messages and PNG metadata
+    sample_size: int | None = None  # the UNet's native latent side (unet/config.json), if known
 
 
 def default_sampler(scheduler_config: dict) -> str:
@@ -60,7 +67,9 @@ def default_sampler(scheduler_config: dict) -> str:
 
 
 def classify_source(source: str | os.PathLike) -> str:
-    """'folder', 'file' or 'hub' (an ``owner/name`` id that is not a local path)."""
+    """'builtin', 'folder', 'file' or 'hub' (an ``owner/name`` id that is not a local path)."""
+    if isinstance(source, str) and source in BUILTIN_MODELS:
+        return "builtin"
     path = Path(source).expanduser()
     if path.is_dir():
         return "folder"
@@ -71,8 +80,8 @@ def classify_source(source: str | os.PathLike) -> str:
         or text.endswith(SINGLE_FILE_SUFFIXES)
     if not looks_local and text.count("/") == 1:
         return "hub"
-    raise CheckpointError(f"model {text!r} is neither an existing folder or file nor a Hugging Face "
-                          f"Hub id of the form 'owner/name'")
+    raise CheckpointError(f"model {text!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
+                          f"an existing folder or file, nor a Hugging Face Hub id of the form 'owner/name'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +126,11 @@ def load_folder(folder: str | os.PathLike, dtype=jnp.float32, *, variant: str | 
     text_encoder, text_params = load_clip_text(folder / "text_encoder", dtype, **kw)
     unet, unet_params = load_unet(folder / "unet", dtype, **kw)
     vae, vae_params = load_vae(folder / "vae", dtype, **kw)
+    with open(folder / "unet" / "config.json") as f:
+        sample_size = json.load(f).get("sample_size")
     return Components(load_tokenizer(folder / "tokenizer"), text_encoder, text_params, unet,
-                      unet_params, vae, vae_params, scheduler_config, source or str(folder))
+                      unet_params, vae, vae_params, scheduler_config, source or str(folder),
+                      sample_size if isinstance(sample_size, int) else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +218,7 @@ def load_single_file(path: str | os.PathLike, dtype=jnp.float32, *, allow_pickle
     tokenizer = CLIPTokenizer.from_pretrained(
         BUILTIN_VOCABULARY, **({"pad_token": "!"} if ckpt.arch.family == "sd2" else {}))
     return Components(tokenizer, text_encoder, text_params, unet, unet_params, vae, vae_params,
-                      configs["scheduler"], str(path))
+                      configs["scheduler"], str(path), configs["unet"].get("sample_size"))
 
 
 def load(source: str | os.PathLike, dtype=jnp.float32, *, revision: str | None = None,
@@ -217,6 +229,12 @@ def load(source: str | os.PathLike, dtype=jnp.float32, *, revision: str | None =
     if overrides and kind != "file":
         raise ValueError(f"architecture overrides {sorted(overrides)} apply to single-file checkpoints "
                          f"only; {str(source)!r} is a {kind} whose configs say what it is")
+    if kind == "builtin":
+        folder = BUILTIN_MODELS[source]
+        if not (folder / "model_index.json").is_file():
+            raise CheckpointError(f"the built-in model {source!r} is missing from this installation "
+                                  f"(expected {str(folder)!r}); reinstall jaxsd")
+        return load_folder(folder, dtype, variant=variant, allow_pickle=allow_pickle, source=source)
     if kind == "hub":
         folder = download(str(source), revision=revision, variant=variant)
         return load_folder(folder, dtype, variant=variant, allow_pickle=allow_pickle, source=str(source))

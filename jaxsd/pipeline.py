@@ -61,6 +61,9 @@ class StableDiffusion:
         self.source, self.dtype = c.source, dtype
         self.vae_factor = self.vae.config.downsample_factor           # 8: pixels per latent
         self.latent_multiple = 2 ** (self.unet.config.levels - 1)     # the UNet halves h, w L-1 times
+        # text_to_image's default size: the UNet's native one (unet/config.json's sample_size, as
+        # diffusers), 512 when the checkpoint does not say
+        self.default_size = c.sample_size * self.vae_factor if c.sample_size else 512
         self._encode_text_jit = jax.jit(self._encode_text, static_argnames="clip_skip")
         self._encode_image_jit = jax.jit(self._encode_image)
         self._decode_jit = jax.jit(self._decode)
@@ -267,7 +270,7 @@ class StableDiffusion:
     def text_to_image(self, prompt=None, *, negative_prompt=None, batch_size: int | None = None,
                       num_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                       scheduler: str | None = None, karras: bool = False, eta: float = 0.0,
-                      height: int = 512, width: int = 512, seed: int = 0, latents=None,
+                      height: int | None = None, width: int | None = None, seed: int = 0, latents=None,
                       clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
                       output: str = "images", progress: bool = False):
         """Text -> uint8 images [B, height, width, 3] (diffusers' StableDiffusionPipeline).
@@ -276,9 +279,13 @@ class StableDiffusion:
             diffusers' ``latents``; default drawn from ``seed``.
         :param scheduler: a jaxsd sampler name (default: the checkpoint's scheduler).
         :param guidance_scale: w; classifier-free guidance runs when w > 1.
+        :param height, width: in pixels; default ``self.default_size`` (the UNet's native size:
+            512 for SD 1.x, 64 for the built-in tiny-shapes model).
         :param output: "images" (uint8), "latents" (the final scaled latents) or "trajectory"
             (the latents after every UNet evaluation, [E, B, h, w, 4]).
         """
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         self._check_size(height, width)
         emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size,
                                  guidance=guidance_scale > 1, clip_skip=clip_skip,

@@ -43,12 +43,6 @@ def test_generate_writes_pngs_with_parameters_and_never_overwrites(sd1_folder, t
     assert (np.asarray(png) == np.asarray(Image.open(written[1]))).all()
 
 
-def test_generate_without_a_model_says_how_to_get_one(capsys):
-    assert main(["generate", "a red cube"]) == 2
-    err = capsys.readouterr().err
-    assert "--model is required" in err and "Hub id" in err and ".safetensors" in err
-
-
 def test_info(sd1_folder, capsys):
     assert main(["info", sd1_folder]) == 0
     out = capsys.readouterr().out
@@ -87,7 +81,7 @@ def test_bad_model_is_a_message_not_a_traceback(tmp_path, capsys):
     assert main(["generate", "a red circle", "--model", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxsd generate: error: model ") and "Traceback" not in err
-    assert "neither an existing folder or file nor a Hugging Face Hub id" in err
+    assert "neither a built-in model (tiny-shapes), an existing folder or file, nor a Hugging Face Hub id" in err
 
 
 def test_train_tiny_command_stops_and_resumes(tmp_path, capsys):

@@ -137,7 +137,7 @@ def test_sources_that_are_not_checkpoints(tmp_path):
         StableDiffusion.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE.*local path"):  # conftest sets it
         StableDiffusion.from_pretrained("jaxsd-tests/no-such-model")
-    with pytest.raises(CheckpointError, match="neither an existing folder or file"):
+    with pytest.raises(CheckpointError, match="neither a built-in model"):
         StableDiffusion.from_pretrained(str(tmp_path / "missing" / "model.safetensors"))
 
 

@@ -113,5 +113,7 @@ def test_single_file_checkpoint_gives_the_same_images(sd1, sd1_folder, tmp_path)
         vae_config={"norm_num_groups": configs["vae"]["norm_num_groups"]},
         text_encoder_config={"num_attention_heads": configs["text_encoder"]["num_attention_heads"]})
     assert single.scheduler == "pndm"
+    # default size: the folder's unet sample_size (8 latents x 8); the single file's inferred 512
+    assert (sd1.default_size, single.default_size) == (64, 512)
     kw = dict(num_steps=STEPS, height=SIZE, width=SIZE, seed=4, scheduler="euler")
     np.testing.assert_array_equal(single.text_to_image(PROMPT, **kw), sd1.text_to_image(PROMPT, **kw))

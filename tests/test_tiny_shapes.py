@@ -1,0 +1,94 @@
+"""The built-in tiny-shapes model: it loads offline by name, diffusers draws the same images from the
+shipped folder, the command draws what it is asked, and the model card's figures reproduce."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline_reference import max_diff, reference_pipeline, to_uint8, torch_noise
+from jaxsd import StableDiffusion
+from jaxsd.cli import main
+from jaxsd.data import shapes
+from jaxsd.evaluate import judge
+from jaxsd.loading import BUILTIN_MODELS
+
+FOLDER = BUILTIN_MODELS["tiny-shapes"]
+PROMPTS = ["a red circle on a blue background", "a large yellow square on a green background, top left",
+           "small white triangle on black, bottom right", "a purple background with an orange cross"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return StableDiffusion.from_pretrained("tiny-shapes")
+
+
+def test_shipped_folder_fits_the_size_budget():
+    size = sum(p.stat().st_size for p in FOLDER.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20, f"{FOLDER} holds {size / 2**20:.1f} MiB; the budget is 25 MiB"
+    assert (FOLDER / "README.md").is_file()
+
+
+def test_loads_by_name_at_its_native_size(tiny):
+    assert tiny.source == "tiny-shapes" and tiny.default_size == 64 and tiny.vae_factor == 4
+    assert tiny.info()["parameters"]["unet"] > 0
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_diffusers_draws_the_same_images_from_the_shipped_folder(tiny, guidance):
+    """Same initial latents, the folder's own scheduler (PNDM), 25 steps: within 2/255."""
+    pipe = reference_pipeline(str(FOLDER))
+    nchw, nhwc = torch_noise((len(PROMPTS), 16, 16, 4), seed=3)
+    with torch.no_grad():
+        ref = to_uint8(pipe(PROMPTS, num_inference_steps=25, guidance_scale=guidance, latents=nchw,
+                            output_type="np").images)
+    ours = tiny.text_to_image(PROMPTS, num_steps=25, guidance_scale=guidance, latents=nhwc)
+    assert ref.shape == ours.shape == (len(PROMPTS), 64, 64, 3)
+    assert max_diff(ours, ref) <= 2
+
+
+def _generate_default(tmp_path):
+    """The README's first command, with the built-in default model: four seeds."""
+    assert main(["generate", "a red circle on a blue background", "--seed", "0", "--batch", "4",
+                 "--steps", "25", "--out", str(tmp_path)]) == 0
+    written = sorted(tmp_path.glob("*.png"))
+    assert len(written) == 4
+    return written
+
+
+def test_generate_with_no_model_writes_images(tmp_path):
+    written = _generate_default(tmp_path)
+    png = Image.open(written[0])
+    assert png.size == (64, 64) and "Model: tiny-shapes" in png.text["parameters"]
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model is undertrained (model card: 35% colours, "
+                   "20% shapes with pndm); issue 7 stays open until it draws this")
+def test_generate_with_no_model_draws_the_prompt(tmp_path):
+    """Each of the four images judged a red circle on blue."""
+    for path in _generate_default(tmp_path):
+        j = judge(np.asarray(Image.open(path).convert("RGB")))
+        names = (shapes.COLOR_NAMES[j.fg], shapes.COLOR_NAMES[j.bg], shapes.SHAPES[j.shape])
+        assert names == ("red", "blue", "circle"), f"{path.name}: judged {names}"
+
+
+def test_model_card_figures_reproduce(capsys):
+    """`jaxsd evaluate --samplers pndm` prints the model card's row for the default sampler.
+
+    The figures are exact on one machine; another CPU's float rounding may flip a borderline
+    image, so each column may differ by at most one image in 240.
+    """
+    pattern = r"^\| pndm \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \|$"
+    card = re.search(pattern, (FOLDER / "README.md").read_text(), re.M)
+    assert card, "the model card has no row for pndm in its quality table"
+    assert main(["evaluate", "--samplers", "pndm"]) == 0
+    measured = re.search(pattern, capsys.readouterr().out, re.M)
+    assert measured, "jaxsd evaluate printed no row for pndm"
+    for name, a, b in zip(("colours", "shape", "size", "position", "all"), card.groups(), measured.groups()):
+        assert abs(float(a) - float(b)) <= 100 / 240 + 0.1, f"{name}: card {a}%, measured {b}%"
+
+
+def test_evaluate_rejects_unknown_samplers(capsys):
+    assert main(["evaluate", "--samplers", "pndm", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
