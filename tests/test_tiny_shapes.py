@@ -63,8 +63,8 @@ def test_generate_with_no_model_writes_images(tmp_path):
     assert png.size == (64, 64) and "Model: tiny-shapes" in png.text["parameters"]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model is undertrained (model card: 35% colours, "
-                   "20% shapes with pndm); issue 7 stays open until it draws this")
+@pytest.mark.xfail(strict=True, reason="the shipped model is undertrained (model card, pndm: 35% colours, "
+                   "20% shapes); issue 7 stays open until it draws this")
 def test_generate_with_no_model_draws_the_prompt(tmp_path):
     """Each of the four images judged a red circle on blue."""
     for path in _generate_default(tmp_path):
