@@ -18,7 +18,8 @@ Read the modules in this order:
     loading.py        where a checkpoint comes from: folder, Hub id, single file
     pipeline.py       StableDiffusion: text_to_image, image_to_image, inpaint
     cli.py            the jaxsd command
-    data/shapes.py, evaluate.py, train.py, export.py   training the tiny model from scratch
+    data/shapes.py, evaluate.py, train.py,             training the tiny model from scratch
+    train_loop.py, export.py
 """
 __version__ = "0.1.0"
 

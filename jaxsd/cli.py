@@ -139,7 +139,8 @@ def _evaluate(args) -> int:
     from jaxsd.data import shapes
 
     pipe = _load(args)
-    names = list(sampling.SAMPLERS) if args.samplers == ["all"] else args.samplers
+    names = (list(sampling.SAMPLERS) if args.samplers == ["all"]
+             else [] if args.samplers == ["none"] else args.samplers)
     for name in names:
         sampling.get_sampler(name)  # an unknown name fails before any work, listing the choices
     prompts = shapes.evaluation_prompts()
@@ -147,6 +148,10 @@ def _evaluate(args) -> int:
           f"seed {args.seed}, model {args.model}")
     print("| sampler | colours | shape | size | position | all |")
     print("| --- | --- | --- | --- | --- | --- |")
+    if args.autoencoder:
+        s = evaluate.evaluate_autoencoder(pipe)
+        print(f"| (VAE reconstructions of {s.n} renders) | {s.colors:.1%} | {s.shape:.1%} | "
+              f"{s.size:.1%} | {s.position:.1%} | {s.all:.1%} |", flush=True)
     for name in names:
         with tqdm(total=len(prompts), desc=name, unit="image", leave=False) as bar:
             s = evaluate.evaluate_pipeline(pipe, name, num_steps=args.steps, guidance_scale=args.guidance,
@@ -182,8 +187,7 @@ def _train_tiny(args) -> int:
 
     from tqdm import tqdm
 
-    from jaxsd import train
-    from jaxsd.export import export_diffusers
+    from jaxsd import train, train_loop
 
     logging.basicConfig(format="%(asctime)s %(message)s")
     log = logging.getLogger("jaxsd.train")
@@ -193,7 +197,7 @@ def _train_tiny(args) -> int:
     stages = train.STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         cfg = presets[stage]
-        bar = tqdm(total=cfg.steps, initial=train.saved_step(args.out, stage), desc=stage,
+        bar = tqdm(total=cfg.steps, initial=train_loop.saved_step(args.out, stage), desc=stage,
                    unit="step", dynamic_ncols=True)
         log.info("stage %s: %s", stage, cfg)
 
@@ -205,20 +209,15 @@ def _train_tiny(args) -> int:
                     log.info("%s step %d: %s", stage, step,
                              " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 
-        state, model = train.run_stage(stage, args.out, model, cfg, save_every=args.save_every,
-                                       on_step=on_step, stop_after=args.stop_after)
+        state, model = train_loop.run_stage(stage, args.out, model, cfg, save_every=args.save_every,
+                                            on_step=on_step, stop_after=args.stop_after)
         bar.close()
         if int(state.step) < cfg.steps:
             log.info("stage %s stopped at step %d of %d; run again to resume", stage,
                      int(state.step), cfg.steps)
             return 0
     if args.stage == "all":
-        vae_state = train.load_checkpoint(args.out, "vae", train.init_state("vae", model, presets["vae"]))
-        unet_state = train.load_checkpoint(args.out, "unet", train.init_state("unet", model, presets["unet"]))
-        folder = export_diffusers(Path(args.out) / "model", text_config=model.text,
-                                  text_params=unet_state.ema["text"], unet_config=model.unet,
-                                  unet_params=unet_state.ema["unet"], vae_config=model.vae,
-                                  vae_params=vae_state.ema)
+        folder = train_loop.export_model(args.out, Path(args.out) / "model", model, presets)
         print(f"wrote {folder}")
     return 0
 
@@ -265,13 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", help="score a shapes model on the 240 held-out prompts")
     ev.add_argument("--model", "-m", default="tiny-shapes", help="default: the built-in tiny-shapes")
     ev.add_argument("--samplers", nargs="+", default=["all"], metavar="NAME",
-                    help="sampler names, or all (the default)")
+                    help="sampler names, all (the default), or none (with --autoencoder)")
     ev.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     ev.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
     ev.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas")
     ev.add_argument("--seed", type=int, default=0, help="seed of the first batch (default 0)")
     ev.add_argument("--batch", type=int, default=240, help="images per batch (default 240: one)")
     ev.add_argument("--dtype", choices=DTYPES, default="float32")
+    ev.add_argument("--autoencoder", action="store_true",
+                    help="first, a row for the VAE's own reconstructions of renders of the same "
+                         "held-out combinations: the ceiling of the samplers' rows")
     ev.set_defaults(run=_evaluate)
 
     tok = commands.add_parser("tokenize", help="show the CLIP token ids of a prompt")

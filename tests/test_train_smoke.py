@@ -8,14 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsd import train
+from jaxsd import train, train_loop
+from jaxsd.loading import load_folder
 
 MODEL = train.SMOKE_MODEL
 
 
 def _losses(stage, folder, cfg, **kwargs):
     losses = []
-    state, model = train.run_stage(stage, folder, MODEL, cfg, save_every=10_000, metrics_every=1,
+    state, model = train_loop.run_stage(stage, folder, MODEL, cfg, save_every=10_000, metrics_every=1,
                                    on_step=lambda step, m: losses.append(m["loss"]), **kwargs)
     return state, model, losses
 
@@ -63,12 +64,12 @@ def test_both_stages_lower_the_loss_and_resume_exactly(tmp_path):
     # L1 starts near mean |x| ~ 0.5 and must fall (single steps are noisy: compare 5-step means).
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     assert model.vae.scaling_factor != 1.0 and np.isfinite(model.vae.scaling_factor)
-    assert train.load_model_config(tmp_path) == model
+    assert train_loop.load_model_config(tmp_path) == model
 
     unet_cfg = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5)
     # Twice 20 steps, resuming from the checkpoint, then the same 40 steps in one go: identical.
-    train.run_stage("unet", tmp_path, MODEL, unet_cfg, stop_after=20)
-    assert train.saved_step(tmp_path, "unet") == 20
+    train_loop.run_stage("unet", tmp_path, MODEL, unet_cfg, stop_after=20)
+    assert train_loop.saved_step(tmp_path, "unet") == 20
     resumed, _, losses = _losses("unet", tmp_path, unet_cfg)
     assert int(resumed.step) == 40
     straight_dir = tmp_path / "straight"
@@ -81,9 +82,19 @@ def test_both_stages_lower_the_loss_and_resume_exactly(tmp_path):
     # eps-prediction MSE starts near 1 (or above) and must fall.
     assert np.mean(straight_losses[-5:]) < 0.8 * np.mean(straight_losses[:5]), straight_losses
 
+    # The export: the EMA weights of both stages, in a folder jaxsd (and diffusers) loads.
+    presets = {"vae": vae_cfg, "unet": unet_cfg}
+    exported = load_folder(train_loop.export_model(tmp_path, tmp_path / "model", model, presets))
+    vae_ema = train_loop.load_checkpoint(tmp_path, "vae", train.init_state("vae", model, vae_cfg)).ema
+    for ours, theirs in ((exported.vae_params["encoder"], vae_ema["encoder"]),
+                         (exported.unet_params, resumed.ema["unet"])):
+        np.testing.assert_allclose(ours["conv_in"]["kernel"], theirs["conv_in"]["kernel"],
+                                   rtol=1e-3, atol=1e-4)                   # float16 files
+    assert exported.vae.config.scaling_factor == model.vae.scaling_factor
+
 
 def test_unet_stage_needs_the_vae(tmp_path):
     with pytest.raises(FileNotFoundError, match="run stage 'vae'"):
-        train.run_stage("unet", tmp_path, MODEL, train.SMOKE["unet"])
+        train_loop.run_stage("unet", tmp_path, MODEL, train.SMOKE["unet"])
     with pytest.raises(ValueError, match="stage='gan'"):
-        train.run_stage("gan", tmp_path, MODEL)
+        train_loop.run_stage("gan", tmp_path, MODEL)
