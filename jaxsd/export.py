@@ -89,13 +89,27 @@ def text_config_json(cfg: CLIPTextConfig) -> dict:
             "dtype": "float32", "torch_dtype": "float32"}
 
 
-def scheduler_config_json() -> dict:
-    """The training schedule (scaled_linear, 1000 steps), with SD 1.5's sampling defaults (PNDM)."""
-    return {"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+# The diffusers scheduler classes a folder can name as its default, with the keys of their own.
+# Every config also carries SD 1.5's PNDM/DDIM keys (clip_sample, set_alpha_to_one, skip_prk_steps),
+# as SD's own folders do: diffusers keeps them when a user switches samplers with `from_config`,
+# and without them DDIM and DDPM would clip the latents to [-1, 1] (their default).
+SCHEDULER_KEYS = {
+    "PNDMScheduler": {},
+    "DDIMScheduler": {},
+    "EulerDiscreteScheduler": {"interpolation_type": "linear", "use_karras_sigmas": False},
+}
+
+
+def scheduler_config_json(scheduler: str = "PNDMScheduler") -> dict:
+    """The training schedule (scaled_linear, 1000 steps), with SD 1.5's sampling settings
+    (leading timesteps + 1), for the diffusers class ``scheduler`` (SD 1.5's is PNDM)."""
+    if scheduler not in SCHEDULER_KEYS:
+        raise ValueError(f"scheduler={scheduler!r} is not supported; choose one of {list(SCHEDULER_KEYS)}")
+    return {"_class_name": scheduler, "_diffusers_version": DIFFUSERS_VERSION,
             "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "trained_betas": None, "prediction_type": "epsilon",
             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-            "clip_sample": False, "timestep_spacing": "leading"}
+            "clip_sample": False, "timestep_spacing": "leading", **SCHEDULER_KEYS[scheduler]}
 
 
 MODEL_INDEX = {
@@ -112,13 +126,16 @@ MODEL_INDEX = {
 
 def export_diffusers(folder: str | os.PathLike, *, text_config: CLIPTextConfig, text_params,
                      unet_config: UNetConfig, unet_params, vae_config: VAEConfig, vae_params,
-                     image_size: int = 64, dtype=np.float16) -> Path:
+                     image_size: int = 64, dtype=np.float16, scheduler: str = "PNDMScheduler") -> Path:
     """Write a complete StableDiffusionPipeline folder; returns its path.
 
     :param dtype: the dtype the weights are stored in (float16 halves the size; loaders upcast).
+    :param scheduler: the diffusers scheduler class the folder names as its default (one of
+        :data:`SCHEDULER_KEYS`); any sampler can still be chosen at sampling time.
     """
     from safetensors.numpy import save_file
 
+    scheduler_config = scheduler_config_json(scheduler)   # an unknown name fails before writing
     folder = Path(folder)
     f = vae_config.downsample_factor
     if image_size % f:
@@ -139,12 +156,12 @@ def export_diffusers(folder: str | os.PathLike, *, text_config: CLIPTextConfig, 
                  for k, v in state.items()}
         save_file(state, folder / name / weights, metadata={"format": "pt"})
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config_json())
+    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config)
     tokenizer = folder / "tokenizer"
     tokenizer.mkdir(parents=True, exist_ok=True)
     for file in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         shutil.copyfile(BUILTIN_VOCABULARY / file, tokenizer / file)
-    _write_json(folder / "model_index.json", MODEL_INDEX)
+    _write_json(folder / "model_index.json", dict(MODEL_INDEX, scheduler=["diffusers", scheduler]))
     return folder
 
 

@@ -23,8 +23,9 @@ import numpy as np
 from jaxsd.clip import CLIPTextConfig
 from jaxsd.data.shapes import ShapesDataset
 from jaxsd.tokenizer import load_tokenizer, tokenize
-from jaxsd.train import (ATTRIBUTES, FULL, STAGES, TINY, TinyModelConfig, TrainConfig, TrainState,
-                         _check_choice, init_state, measure_scaling_factor, unet_step, vae_step)
+from jaxsd.train import (ATTRIBUTES, FULL, SCHEDULER, STAGES, TINY, TinyModelConfig, TrainConfig,
+                         TrainState, _check_choice, init_state, measure_scaling_factor, unet_step,
+                         vae_step)
 from jaxsd.unet import UNetConfig
 from jaxsd.vae import AutoencoderKL, VAEConfig
 
@@ -183,13 +184,14 @@ def run_stage(stage: str, folder: str | os.PathLike, model: TinyModelConfig = TI
 
 
 def export_model(folder: str | os.PathLike, dest: str | os.PathLike, model: TinyModelConfig,
-                 presets: dict[str, TrainConfig] = FULL) -> Path:
+                 presets: dict[str, TrainConfig] = FULL, scheduler: str = SCHEDULER) -> Path:
     """Export the EMA weights of the finished stages in ``folder`` to ``dest``, in diffusers'
-    layout: the VAE of stage "vae", the text encoder and UNet of stage "unet"."""
+    layout: the VAE of stage "vae", the text encoder and UNet of stage "unet", and ``scheduler``
+    (a diffusers class name) as the folder's default sampler."""
     from jaxsd.export import export_diffusers
 
     vae = load_checkpoint(folder, "vae", init_state("vae", model, presets["vae"])).ema
     unet = load_checkpoint(folder, "unet", init_state("unet", model, presets["unet"])).ema
     return export_diffusers(dest, text_config=model.text, text_params=unet["text"],
                             unet_config=model.unet, unet_params=unet["unet"],
-                            vae_config=model.vae, vae_params=vae)
+                            vae_config=model.vae, vae_params=vae, scheduler=scheduler)

@@ -104,3 +104,18 @@ def test_judge_sees_no_shape_in_a_blank_image():
     assert j.bg == S.COLOR_NAMES.index("blue") and j.fg == -1 and j.shape == -1
     with pytest.raises(ValueError, match="got shape"):
         evaluate.judge(blank[..., 0])
+
+
+class _PerfectAutoencoder:
+    """Stands in for a pipeline whose VAE gives back exactly what it was given."""
+
+    def encode_image(self, pixels, key):
+        return pixels
+
+    def decode(self, latents):
+        return np.round((np.asarray(latents) + 1) * 127.5).astype(np.uint8)
+
+
+def test_evaluate_autoencoder_scores_a_perfect_autoencoder_full_marks():
+    s = evaluate.evaluate_autoencoder(_PerfectAutoencoder(), n=60, batch_size=25)
+    assert s.n == 60 and s.colors == s.shape == s.size == s.position == s.all == 1.0

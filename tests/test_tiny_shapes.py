@@ -1,5 +1,6 @@
 """The built-in tiny-shapes model: it loads offline by name, diffusers draws the same images from the
 shipped folder, the command draws what it is asked, and the model card's figures reproduce."""
+import json
 import re
 
 import numpy as np
@@ -12,7 +13,7 @@ from jaxsd import StableDiffusion
 from jaxsd.cli import main
 from jaxsd.data import shapes
 from jaxsd.evaluate import judge
-from jaxsd.loading import BUILTIN_MODELS
+from jaxsd.loading import BUILTIN_MODELS, default_sampler
 
 FOLDER = BUILTIN_MODELS["tiny-shapes"]
 PROMPTS = ["a red circle on a blue background", "a large yellow square on a green background, top left",
@@ -37,7 +38,7 @@ def test_loads_by_name_at_its_native_size(tiny):
 
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
 def test_diffusers_draws_the_same_images_from_the_shipped_folder(tiny, guidance):
-    """Same initial latents, the folder's own scheduler (PNDM), 25 steps: within 2/255."""
+    """Same initial latents, the folder's own scheduler (Euler), 25 steps: within 2/255."""
     pipe = reference_pipeline(str(FOLDER))
     nchw, nhwc = torch_noise((len(PROMPTS), 16, 16, 4), seed=3)
     with torch.no_grad():
@@ -63,8 +64,8 @@ def test_generate_with_no_model_writes_images(tmp_path):
     assert png.size == (64, 64) and "Model: tiny-shapes" in png.text["parameters"]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model is undertrained (model card, pndm: 35% colours, "
-                   "20% shapes); issue 7 stays open until it draws this")
+@pytest.mark.xfail(strict=True, reason="the shipped model is undertrained (model card, euler: 96.7% colours, "
+                   "18.3% shapes); issue 7 stays open until it draws this")
 def test_generate_with_no_model_draws_the_prompt(tmp_path):
     """Each of the four images judged a red circle on blue."""
     for path in _generate_default(tmp_path):
@@ -74,19 +75,24 @@ def test_generate_with_no_model_draws_the_prompt(tmp_path):
 
 
 def test_model_card_figures_reproduce(capsys):
-    """`jaxsd evaluate --samplers pndm` prints the model card's row for the default sampler.
+    """`jaxsd evaluate --autoencoder --samplers <the folder's default>` prints the model card's
+    rows for the VAE's reconstructions and for the default sampler.
 
     The figures are exact on one machine; another CPU's float rounding may flip a borderline
     image, so each column may differ by at most one image in 240.
     """
-    pattern = r"^\| pndm \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \|$"
-    card = re.search(pattern, (FOLDER / "README.md").read_text(), re.M)
-    assert card, "the model card has no row for pndm in its quality table"
-    assert main(["evaluate", "--samplers", "pndm"]) == 0
-    measured = re.search(pattern, capsys.readouterr().out, re.M)
-    assert measured, "jaxsd evaluate printed no row for pndm"
-    for name, a, b in zip(("colours", "shape", "size", "position", "all"), card.groups(), measured.groups()):
-        assert abs(float(a) - float(b)) <= 100 / 240 + 0.1, f"{name}: card {a}%, measured {b}%"
+    default = default_sampler(json.loads((FOLDER / "scheduler" / "scheduler_config.json").read_text()))
+    card_text = (FOLDER / "README.md").read_text()
+    assert main(["evaluate", "--autoencoder", "--samplers", default]) == 0
+    printed = capsys.readouterr().out
+    for label in (re.escape("(VAE reconstructions of 480 renders)"), default):
+        pattern = rf"^\| {label} \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \|$"
+        card = re.search(pattern, card_text, re.M)
+        assert card, f"the model card has no row {label!r} in its quality table"
+        measured = re.search(pattern, printed, re.M)
+        assert measured, f"jaxsd evaluate printed no row {label!r}"
+        for name, a, b in zip(("colours", "shape", "size", "position", "all"), card.groups(), measured.groups()):
+            assert abs(float(a) - float(b)) <= 100 / 240 + 0.1, f"{label} {name}: card {a}%, measured {b}%"
 
 
 def test_evaluate_rejects_unknown_samplers(capsys):

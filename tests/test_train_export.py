@@ -92,3 +92,26 @@ def test_float16_export_halves_the_size(exported, tmp_path):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(half, safety_checker=None)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         assert next(part.parameters()).dtype == torch.float32, type(part).__name__
+
+
+@pytest.mark.parametrize("name", sorted(export.SCHEDULER_KEYS))
+def test_scheduler_config_is_what_diffusers_and_jaxsd_expect(name):
+    diffusers = pytest.importorskip("diffusers")
+    from jaxsd.loading import default_sampler
+
+    config = export.scheduler_config_json(name)
+    scheduler = getattr(diffusers, name).from_config(config)
+    assert scheduler.config.timestep_spacing == "leading" and scheduler.config.steps_offset == 1
+    # A user who switches to DDIM keeps SD's settings (not DDIM's defaults, which clip the latents)
+    ddim = diffusers.DDIMScheduler.from_config(scheduler.config)
+    assert ddim.config.clip_sample is False and ddim.config.set_alpha_to_one is False
+    # jaxsd runs the sampler that reproduces the class, on the same schedule
+    assert default_sampler(config) == {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim",
+                                       "EulerDiscreteScheduler": "euler"}[name]
+
+
+def test_unknown_scheduler_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="scheduler='Nope'.*PNDMScheduler"):
+        export.export_diffusers(tmp_path / "model", text_config=TEXT, text_params={}, unet_config=UNET,
+                                unet_params={}, vae_config=VAE, vae_params={}, scheduler="Nope")
+    assert not (tmp_path / "model").exists()

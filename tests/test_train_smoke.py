@@ -91,6 +91,7 @@ def test_both_stages_lower_the_loss_and_resume_exactly(tmp_path):
         np.testing.assert_allclose(ours["conv_in"]["kernel"], theirs["conv_in"]["kernel"],
                                    rtol=1e-3, atol=1e-4)                   # float16 files
     assert exported.vae.config.scaling_factor == model.vae.scaling_factor
+    assert exported.scheduler_config["_class_name"] == train.SCHEDULER == "EulerDiscreteScheduler"
 
 
 def test_unet_stage_needs_the_vae(tmp_path):
