@@ -141,6 +141,8 @@ def _evaluate(args) -> int:
     pipe = _load(args)
     names = (list(sampling.SAMPLERS) if args.samplers == ["all"]
              else [] if args.samplers == ["none"] else args.samplers)
+    if not names and not args.autoencoder:
+        raise ValueError("--samplers none scores nothing unless --autoencoder is given")
     for name in names:
         sampling.get_sampler(name)  # an unknown name fails before any work, listing the choices
     prompts = shapes.evaluation_prompts()

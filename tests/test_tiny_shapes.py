@@ -98,3 +98,8 @@ def test_model_card_figures_reproduce(capsys):
 def test_evaluate_rejects_unknown_samplers(capsys):
     assert main(["evaluate", "--samplers", "pndm", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_to_score_nothing(capsys):
+    assert main(["evaluate", "--samplers", "none"]) == 2
+    assert "--autoencoder" in capsys.readouterr().err
