@@ -187,15 +187,12 @@ def evaluate_autoencoder(pipe, n: int = 480, seed: int = 99, batch_size: int = 1
     import jax
 
     batch = shapes.ShapesDataset(seed=seed, split="heldout").batch(0, n)
-    s = batch.scenes
-    truth = [shapes.Prompt("", *(int(v[i]) for v in (s.fg, s.bg, s.shape, s.size, s.position)))
-             for i in range(n)]
     images = []
     for start in range(0, n, batch_size):
         x = batch.images[start:start + batch_size].astype(np.float32) / 127.5 - 1.0
         latents = pipe.encode_image(x, jax.random.PRNGKey(seed + start))
         images.append(pipe.decode(latents))
-    return score(truth, np.concatenate(images))
+    return score(_ground_truth(batch.scenes), np.concatenate(images))
 
 
 def degrade(images: np.ndarray, noise: float = 0.0, blur: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -214,10 +211,13 @@ def degrade(images: np.ndarray, noise: float = 0.0, blur: float = 0.0, seed: int
 def validate_on_renders(n: int = 500, seed: int = 7, noise: float = 0.0, blur: float = 0.0) -> Scores:
     """The judge's own accuracy on freshly rendered (and optionally degraded) ground truth."""
     batch = shapes.ShapesDataset(seed=seed).batch(0, n)
-    s = batch.scenes
-    truth = [shapes.Prompt("", *(int(v[i]) for v in (s.fg, s.bg, s.shape, s.size, s.position)))
-             for i in range(n)]
-    return score(truth, degrade(batch.images, noise, blur, seed))
+    return score(_ground_truth(batch.scenes), degrade(batch.images, noise, blur, seed))
+
+
+def _ground_truth(s: shapes.Scenes) -> list[shapes.Prompt]:
+    """What each rendered scene shows, as prompts naming every attribute."""
+    return [shapes.Prompt("", *(int(v[i]) for v in (s.fg, s.bg, s.shape, s.size, s.position)))
+            for i in range(len(s.fg))]
 
 
 def main(argv=None) -> int:
