@@ -119,3 +119,8 @@ class _PerfectAutoencoder:
 def test_evaluate_autoencoder_scores_a_perfect_autoencoder_full_marks():
     s = evaluate.evaluate_autoencoder(_PerfectAutoencoder(), n=60, batch_size=25)
     assert s.n == 60 and s.colors == s.shape == s.size == s.position == s.all == 1.0
+
+
+def test_judge_validation_on_clean_renders_is_perfect():
+    s = evaluate.validate_on_renders(n=50)
+    assert s.n == 50 and s.colors == s.shape == s.size == s.position == s.all == 1.0
