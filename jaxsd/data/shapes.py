@@ -1,8 +1,9 @@
 """A synthetic captioned dataset of simple shapes, generated deterministically from a seed.
 
 Every image is 64 x 64 RGB: one shape of one named colour on a plain background of another
-named colour (pairs of shapes are not implemented: docs/tiny_model.md). Its caption says what is drawn, in one of several
-phrasings, e.g. "a small red circle on a blue background, top left". The tiny built-in model
+named colour (pairs of shapes are not implemented: docs/tiny_model.md). Its caption says what
+is drawn, in one of several phrasings, e.g. "a small red circle on a blue background, top
+left". The tiny built-in model
 (``docs/tiny_model.md``) is trained on it, and :mod:`jaxsd.evaluate` checks generated images
 against the same rules.
 
