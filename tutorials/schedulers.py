@@ -99,8 +99,8 @@ assert difference <= 1, "the hand-written Euler loop should match the library to
 #
 # Every sampler starts from the same noise. The deterministic ones solve the same ODE and land
 # near each other; the stochastic ones (ddpm, euler_a, dpm2_a, dpmpp_2m_sde, dpmpp_sde) follow
-# an SDE whose fresh noise takes them elsewhere. Heun and DPM2 spend two UNet evaluations per
-# step (2N - 1 in all), PNDM one extra. In jaxsd each call is one compiled lax.scan: the first
+# an SDE whose fresh noise takes them elsewhere. Heun, DPM2, DPM2 a and DPM++ SDE spend two UNet
+# evaluations per step (2N - 1 in all), PNDM one extra. In jaxsd each call is one compiled lax.scan: the first
 # call of a sampler compiles, the second only runs.
 #
 # Two of them fail on this model: pndm and lms draw noise or the wrong colours (the model card
@@ -150,8 +150,8 @@ save_rows([frames], "ddim_trajectory.png")
 #
 # Euler is first order: doubling the steps halves its error. Heun is second order but pays two
 # evaluations per step; DPM-Solver++(2M) is second order at one evaluation per step, reusing
-# the previous one, and wins at equal cost. (With very few steps, 5 here, the higher-order
-# methods extrapolate too far and do worse than Euler; guidance 7.5 makes the ODE steep.)
+# the previous one, and wins at equal cost. (With very few steps, 5 or so, the higher-order
+# methods extrapolate too far and can do worse than Euler; guidance 7.5 makes the ODE steep.)
 pipe.schedule = dataclasses.replace(cfg, timestep_spacing="trailing", steps_offset=0)
 
 
