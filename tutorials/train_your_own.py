@@ -12,7 +12,7 @@ recipe apart and runs each piece at a size that finishes in a minute:
     3. the latent scale     1 / std of the latents, so that the diffusion sees unit variance
     4. the UNet's objective noise the latents to a random timestep t, predict the noise (MSE)
     5. what training buys   the shipped UNet's error per timestep, and its guess of the clean image
-    6. a training loop      a fresh text encoder + UNet, optax, 150 steps: the loss falls
+    6. a training loop      a fresh text encoder + UNet, optax, 100 steps: the loss falls
 
 Parts 2 and 4 are written out by hand and then checked against `jaxsd.train`, the code that
 trained the shipped model, so what you read is what ran.
@@ -81,19 +81,24 @@ print(f"{len(shapes.all_triples('train'))} triples in training, {len(held_out)} 
 #            latents on a sane scale and the posterior smooth, not enough to erase detail.
 pipe = jaxsd.StableDiffusion.from_pretrained("tiny-shapes")
 vae, vae_params = pipe.vae, pipe.vae_params
+# The networks' forward passes, each compiled once by XLA (run op by op, they are much slower).
+encode = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method=vae.encode))
+decode = jax.jit(lambda z: vae.apply({"params": vae_params}, z, method=vae.decode))
+clip = jax.jit(lambda ids: pipe.text_encoder.apply({"params": pipe.text_params}, ids).last_hidden_state)
+unet = jax.jit(lambda x, t, c: pipe.unet.apply({"params": pipe.unet_params}, x, t, c))
 x = batch.images.astype(np.float32) / 127.5 - 1.0                         # [8, 64, 64, 3] in [-1, 1]
 key = jax.random.key(1)
 
-posterior = vae.apply({"params": vae_params}, x, method=vae.encode)
+posterior = encode(x)
 z = posterior.mean + jnp.exp(0.5 * posterior.logvar) * jax.random.normal(key, posterior.mean.shape)
-recon = vae.apply({"params": vae_params}, z, method=vae.decode)           # [8, 64, 64, 3]
+recon = decode(z)                                                        # [8, 64, 64, 3]
 l1 = jnp.abs(recon - x).mean()
 kl = 0.5 * (posterior.mean ** 2 + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar).mean()
 vae_objective = l1 + 1e-5 * kl
 print(f"latents {z.shape}; L1 {float(l1):.4f} (about {float(l1) * 127.5:.1f}/255 per pixel), "
       f"KL {float(kl):.2f} per element")
 
-library_objective, _ = train.vae_loss(vae, vae_params, x, key, kl_weight=1e-5)
+library_objective, _ = jax.jit(lambda x, key: train.vae_loss(vae, vae_params, x, key, kl_weight=1e-5))(x, key)
 assert abs(float(vae_objective) - float(library_objective)) < 1e-6, (vae_objective, library_objective)
 save_rows([list(batch.images), list(to_uint8(recon))], "vae_reconstructions.png")
 
@@ -131,8 +136,8 @@ t = jax.random.randint(t_key, (B,), 0, 1000)
 eps = jax.random.normal(noise_key, latents.shape) + 0.3 * jax.random.normal(offset_key, (B, 1, 1, C))
 a = abar[t][:, None, None, None]
 noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * eps
-context = pipe.text_encoder.apply({"params": pipe.text_params}, ids).last_hidden_state   # [8, 77, 64]
-eps_hat = pipe.unet.apply({"params": pipe.unet_params}, noisy, t, context)
+context = clip(ids)                                                        # [8, 77, 64]
+eps_hat = unet(noisy, t, context)
 mse = jnp.square(eps_hat - eps).mean()
 print(f"timesteps {np.asarray(t)}; noise-prediction MSE {float(mse):.4f}")
 
@@ -142,10 +147,10 @@ print(f"timesteps {np.asarray(t)}; noise-prediction MSE {float(mse):.4f}")
 # in the shipped folder; a fresh one is enough here, with weight 0.
 head = train.init_params(train.ATTRIBUTE_HEAD, np.random.default_rng(0), jnp.zeros((1, 64)))
 attributes = np.stack([batch.scenes.fg, batch.scenes.bg, batch.scenes.shape], axis=1)
-_, metrics = train.diffusion_loss(
+library_loss = jax.jit(lambda latents, ids, attributes, has_caption, key: train.diffusion_loss(
     pipe.text_encoder, pipe.unet, {"text": pipe.text_params, "unet": pipe.unet_params, "head": head},
-    latents, ids, attributes, np.array([c != "" for c in captions]), jax.random.key(2), abar,
-    attribute_weight=0.0, noise_offset=0.3)
+    latents, ids, attributes, has_caption, key, abar, attribute_weight=0.0, noise_offset=0.3))
+_, metrics = library_loss(latents, ids, attributes, np.array([c != "" for c in captions]), jax.random.key(2))
 assert abs(float(mse) - float(metrics["mse"])) < 1e-5 * float(mse), (mse, metrics["mse"])
 
 # -------------------------------------------------------------------------------------------
@@ -158,10 +163,8 @@ assert abs(float(mse) - float(metrics["mse"])) < 1e-5 * float(mse), (mse, metric
 # units of eps (in units of the image it is small, as z_t holds only sqrt(1 - abar_t) of eps).
 held = shapes.ShapesDataset(seed=0, split="heldout").batch(0, 32)
 xh = held.images.astype(np.float32) / 127.5 - 1.0
-zh = vae.apply({"params": vae_params}, xh, method=vae.encode).mean * scale   # [32, 16, 16, 4]
-ctx = pipe.text_encoder.apply({"params": pipe.text_params},
-                              jnp.asarray(jaxsd.tokenize(pipe.tokenizer, held.captions))).last_hidden_state
-unet = jax.jit(lambda x, t, c: pipe.unet.apply({"params": pipe.unet_params}, x, t, c))
+zh = encode(xh).mean * scale                                               # [32, 16, 16, 4]
+ctx = clip(jnp.asarray(jaxsd.tokenize(pipe.tokenizer, held.captions)))       # [32, 77, 64]
 eps = jax.random.normal(jax.random.key(3), zh.shape)
 print("  t    MSE (trained)   MSE (eps = 0)")
 for step in (10, 100, 300, 500, 700, 900, 999):
@@ -178,13 +181,12 @@ for step in (10, 100, 300, 500, 700, 900, 999):
 # model gets right: from t = 300 and 600 it restores the colours and puts the shape in its
 # place, but as a rounded blob, even where the corners still show through the noise; from
 # t = 900 it recovers the background and little else. Its geometry is undertrained.
-decode = lambda lat: to_uint8(vae.apply({"params": vae_params}, lat[:4] / scale, method=vae.decode))
 rows = [list(held.images[:4])]
 for step in (300, 600, 900):
     a = abar[step]
     z_t = jnp.sqrt(a) * zh + jnp.sqrt(1 - a) * eps
     z0_hat = (z_t - jnp.sqrt(1 - a) * unet(z_t, jnp.full((32,), step), ctx)) / jnp.sqrt(a)
-    rows += [list(decode(z_t)), list(decode(z0_hat))]
+    rows += [list(to_uint8(decode(z_t[:4] / scale))), list(to_uint8(decode(z0_hat[:4] / scale)))]
 save_rows(rows, "what_the_unet_learned.png")
 
 # -------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ save_rows(rows, "what_the_unet_learned.png")
 # AdamW. Parameters are a plain pytree; one jitted function takes a step: encode, noise,
 # predict, differentiate, update. The full run (`jaxsd train-tiny`) adds a warmup and cosine
 # learning rate, an exponential moving average of the weights (what it ships), the attribute
-# probe, checkpoints and resuming; 5,000 steps of 32 images instead of 150 of 16.
+# probe, checkpoints and resuming; 5,000 steps of 32 images instead of 100 of 16.
 small = train.SMOKE_MODEL
 text_model, unet_model = jaxsd.CLIPTextModel(small.text), jaxsd.UNet(small.unet)
 rng = np.random.default_rng(0)
@@ -230,7 +232,7 @@ def train_step(params, opt_state, images_uint8, ids, key):
 
 losses = []
 drop_rng = np.random.default_rng(1)
-for i in range(150):
+for i in range(100):
     b = data.batch(1000 + i, 16)
     captions = ["" if drop_rng.random() < 0.1 else c for c in b.captions]  # caption dropout
     ids = jnp.asarray(jaxsd.tokenize(pipe.tokenizer, captions))
