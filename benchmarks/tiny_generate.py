@@ -4,8 +4,9 @@
 
 jaxsd: the `jaxsd generate "a red circle on a blue background" --seed 0` command itself
 (import, load, compile, 50 steps of the folder's own sampler with guidance, decode, PNG).
-diffusers: a Python process that imports diffusers, loads the same folder with `StableDiffusionPipeline.from_pretrained`, and
-runs the same prompt, steps and guidance at 64 x 64, then saves a PNG. Each run is a fresh process
+diffusers: a Python process that imports diffusers, loads the same folder with
+`StableDiffusionPipeline.from_pretrained`, and runs the same prompt, steps and guidance at
+64 x 64, then saves a PNG. Each run is a fresh process
 (no warm caches but the OS's file cache, warmed by one untimed run each); runs alternate. The
 median wall time of the repeats and the ratio are printed, with the load average before.
 """

@@ -10,12 +10,14 @@ TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.py"))
 
 
 @pytest.fixture(scope="module")
-def started(tmp_path_factory):
-    """Every tutorial, started at once in its own folder. Most of a tutorial's time is XLA
-    compiling, which keeps about one core busy, so on a small machine they finish together in
-    much less time than one after another."""
+def started(request, tmp_path_factory):
+    """Every selected tutorial, started at once in its own folder. Most of a tutorial's time is
+    XLA compiling, which keeps about one core busy, so on a small machine they finish together
+    in much less time than one after another."""
+    selected = [item.callspec.params["script"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]
     runs = {}
-    for script in TUTORIALS:
+    for script in selected:
         cwd = tmp_path_factory.mktemp(script.stem)
         with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
             runs[script] = cwd, subprocess.Popen([sys.executable, str(script)], cwd=cwd, stdout=out,

@@ -3,9 +3,8 @@
 Every image is 64 x 64 RGB: one shape of one named colour on a plain background of another
 named colour (pairs of shapes are not implemented: docs/tiny_model.md). Its caption says what
 is drawn, in one of several phrasings, e.g. "a small red circle on a blue background, top
-left". The tiny built-in model
-(``docs/tiny_model.md``) is trained on it, and :mod:`jaxsd.evaluate` checks generated images
-against the same rules.
+left". The tiny built-in model (``docs/tiny_model.md``) is trained on it, and
+:mod:`jaxsd.evaluate` checks generated images against the same rules.
 
     scene   (foreground colour, background colour, shape, size, position), integers into the
             tables below, plus a sub-pixel jitter of centre and size
