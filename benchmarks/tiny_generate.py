@@ -24,7 +24,7 @@ PROMPT = "a red circle on a blue background"
 
 DIFFUSERS = """
 import sys, torch, diffusers
-from jaxsd.loading import BUILTIN_MODELS
+from jaxsd.checkpoints.sources import BUILTIN_MODELS
 pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(BUILTIN_MODELS["tiny-shapes"]),
     torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
 pipe.set_progress_bar_config(disable=True)

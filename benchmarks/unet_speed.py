@@ -42,8 +42,8 @@ def main():
     import diffusers
     from diffusers import UNet2DConditionModel
 
-    from jaxsd.convert import convert, expected_shapes, unet_table
-    from jaxsd.unet import SD15, SD21, UNet
+    from jaxsd.checkpoints.convert import convert, expected_shapes, unet_table
+    from jaxsd.models.unet import SD15, SD21, UNet
 
     config = {"sd15": SD15, "sd21": SD21}[args.config]
     load_before = os.getloadavg()

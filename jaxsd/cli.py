@@ -72,7 +72,7 @@ def _load(args):
 
 
 def _generate(args) -> int:
-    from jaxsd import images as imgs
+    from jaxsd.pipelines import images as imgs
 
     pipe = _load(args)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -122,7 +122,7 @@ def _info(args) -> int:
 
 
 def _tokenize(args) -> int:
-    from jaxsd.tokenizer import load_tokenizer, tokenize
+    from jaxsd.checkpoints.tokenizer import load_tokenizer, tokenize
 
     tokenizer = load_tokenizer(args.tokenizer)
     ids = tokenize(tokenizer, args.prompt)[0]
@@ -135,8 +135,8 @@ def _tokenize(args) -> int:
 def _evaluate(args) -> int:
     from tqdm.auto import tqdm
 
-    from jaxsd import evaluate, sampling
-    from jaxsd.data import shapes
+    from jaxsd import sampling
+    from jaxsd.training import evaluate, shapes
 
     pipe = _load(args)
     names = (list(sampling.SAMPLERS) if args.samplers == ["all"]
@@ -189,17 +189,17 @@ def _train_tiny(args) -> int:
 
     from tqdm import tqdm
 
-    from jaxsd import train, train_loop
+    from jaxsd.training import loop, recipe
 
     logging.basicConfig(format="%(asctime)s %(message)s")
-    log = logging.getLogger("jaxsd.train")
+    log = logging.getLogger("jaxsd.training")
     log.setLevel(logging.INFO)
-    presets = train.FULL if args.preset == "full" else train.SMOKE
-    model = train.TINY if args.preset == "full" else train.SMOKE_MODEL
-    stages = train.STAGES if args.stage == "all" else (args.stage,)
+    presets = recipe.FULL if args.preset == "full" else recipe.SMOKE
+    model = recipe.TINY if args.preset == "full" else recipe.SMOKE_MODEL
+    stages = recipe.STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         cfg = presets[stage]
-        bar = tqdm(total=cfg.steps, initial=train_loop.saved_step(args.out, stage), desc=stage,
+        bar = tqdm(total=cfg.steps, initial=loop.saved_step(args.out, stage), desc=stage,
                    unit="step", dynamic_ncols=True)
         log.info("stage %s: %s", stage, cfg)
 
@@ -211,15 +211,15 @@ def _train_tiny(args) -> int:
                     log.info("%s step %d: %s", stage, step,
                              " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 
-        state, model = train_loop.run_stage(stage, args.out, model, cfg, save_every=args.save_every,
-                                            on_step=on_step, stop_after=args.stop_after)
+        state, model = loop.run_stage(stage, args.out, model, cfg, save_every=args.save_every,
+                                      on_step=on_step, stop_after=args.stop_after)
         bar.close()
         if int(state.step) < cfg.steps:
             log.info("stage %s stopped at step %d of %d; run again to resume", stage,
                      int(state.step), cfg.steps)
             return 0
     if args.stage == "all":
-        folder = train_loop.export_model(args.out, Path(args.out) / "model", model, presets)
+        folder = loop.export_model(args.out, Path(args.out) / "model", model, presets)
         print(f"wrote {folder}")
     return 0
 

@@ -55,7 +55,7 @@ def build_components(*, sd2: bool = False, inpainting: bool = False, seed: int =
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from jaxsd.tokenizer import BUILTIN_VOCABULARY
+    from jaxsd.checkpoints.tokenizer import BUILTIN_VOCABULARY
 
     tokenizer = CLIPTokenizer.from_pretrained(BUILTIN_VOCABULARY, **({"pad_token": "!"} if sd2 else {}))
     text_encoder = CLIPTextModel(CLIPTextConfig(

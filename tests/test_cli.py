@@ -85,7 +85,7 @@ def test_bad_model_is_a_message_not_a_traceback(tmp_path, capsys):
 
 
 def test_train_tiny_command_stops_and_resumes(tmp_path, capsys):
-    from jaxsd import train_loop
+    from jaxsd.training import loop as train_loop
     args = ["train-tiny", str(tmp_path), "--preset", "smoke", "--stage", "vae", "--stop-after", "2"]
     assert main(args) == 0
     assert train_loop.saved_step(tmp_path, "vae") == 2

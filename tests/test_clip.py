@@ -22,9 +22,9 @@ import torch
 import transformers
 
 import jaxsd
-from jaxsd.checkpoint import CheckpointError
-from jaxsd.convert import ConversionError
-from jaxsd.tokenizer import load_tokenizer, tokenize
+from jaxsd.checkpoints.convert import ConversionError
+from jaxsd.checkpoints.files import CheckpointError
+from jaxsd.checkpoints.tokenizer import load_tokenizer, tokenize
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a red circle",
            "an oil painting of a lighthouse on a cliff at dawn, storm clouds, dramatic light"]
@@ -233,10 +233,10 @@ def test_tokenizer_known_ids():
 
 def test_tokenizer_truncation_warns_with_dropped_text(caplog):
     prompt = " ".join(["cat"] * 80) + " dog"
-    with caplog.at_level(logging.WARNING, logger="jaxsd.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="jaxsd.checkpoints.tokenizer"):
         ids = tokenize(load_tokenizer(), [prompt, "short"])
     assert ids.shape == (2, 77) and ids[0, -1] == 49407
-    ours = [r for r in caplog.records if r.name == "jaxsd.tokenizer"]
+    ours = [r for r in caplog.records if r.name == "jaxsd.checkpoints.tokenizer"]
     assert len(ours) == 1  # only the long prompt, not the short one
     assert "truncated" in ours[0].getMessage() and "cat dog" in ours[0].getMessage()
 

@@ -11,7 +11,7 @@ import torch
 from pipeline_reference import (PROMPT, max_diff, reference_pipeline, sd1, sd1_folder, sd2,  # noqa: F401
                                 sd2_folder, to_uint8, torch_noise)
 from jaxsd import StableDiffusion
-from jaxsd.checkpoint import CheckpointError
+from jaxsd.checkpoints.files import CheckpointError
 
 SIZE, STEPS = 64, 5
 DETERMINISTIC = ["ddim", "pndm", "lms", "euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_2s", "unipc", "deis"]
@@ -141,10 +141,25 @@ def test_sources_that_are_not_checkpoints(tmp_path):
         StableDiffusion.from_pretrained(str(tmp_path / "missing" / "model.safetensors"))
 
 
+
+def test_a_scheduler_without_a_jaxsd_sampler_is_a_checkpoint_error(tmp_path):
+    import json
+    import shutil
+
+    from jaxsd.checkpoints.sources import BUILTIN_MODELS
+
+    folder = shutil.copytree(BUILTIN_MODELS["tiny-shapes"], tmp_path / "model")
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "_class_name": "FlowMatchEulerDiscreteScheduler"}))
+    with pytest.raises(CheckpointError, match=r"model.*FlowMatchEulerDiscreteScheduler.*no jaxsd "
+                                              r"sampler.*EulerDiscreteScheduler"):
+        StableDiffusion.from_pretrained(folder)
+
 def test_hub_downloads_only_the_files_jaxsd_reads():
     from fnmatch import fnmatch
 
-    from jaxsd.loading import hub_patterns
+    from jaxsd.checkpoints.sources import hub_patterns
 
     repo = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
             "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",

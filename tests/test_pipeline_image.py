@@ -99,8 +99,8 @@ def test_image_inputs_and_their_errors(sd1, picture, mask):
 
 
 def test_single_file_checkpoint_gives_the_same_images(sd1, sd1_folder, tmp_path):
-    from jaxsd.checkpoint import read_config, read_state_dict
-    from jaxsd.single_file import write_single_file
+    from jaxsd.checkpoints.files import read_config, read_state_dict
+    from jaxsd.checkpoints.single_file import write_single_file
 
     parts = ("unet", "vae", "text_encoder")
     configs = {p: read_config(f"{sd1_folder}/{p}") for p in parts}

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from sampler_reference import CONFIGS, DIFFUSERS, _scheduler_class, jax_model
-from jaxsd import sampling
-from jaxsd.schedule import SD1_CONFIG, ScheduleConfig
+from jaxsd.sampling import loop as sampling
+from jaxsd.sampling.schedule import SD1_CONFIG, ScheduleConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 
 from sampler_reference import CONFIGS, jax_model
 from jaxsd import sampling
-from jaxsd import schedule as S
-from jaxsd.schedule import ScheduleConfig
+from jaxsd.sampling import schedule as S
+from jaxsd.sampling.schedule import ScheduleConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

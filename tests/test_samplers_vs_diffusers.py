@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from sampler_reference import CONFIGS, DIFFUSERS, KARRAS, diffusers_loop, jax_model
 from jaxsd import sampling
-from jaxsd.schedule import ScheduleConfig
+from jaxsd.sampling.schedule import ScheduleConfig
 
 # diffusers' schedulers emit thousands of NumPy 2 deprecation warnings; they slow the run.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

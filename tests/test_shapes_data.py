@@ -1,12 +1,12 @@
-"""The synthetic shapes dataset (jaxsd.data.shapes) and its automatic judge (jaxsd.evaluate)."""
+"""The synthetic shapes dataset (jaxsd.training.shapes) and its automatic judge (jaxsd.training.evaluate)."""
 import itertools
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from jaxsd import evaluate
-from jaxsd.data import shapes as S
+from jaxsd.training import evaluate
+from jaxsd.training import shapes as S
 
 
 def test_batches_are_deterministic_from_the_seed():

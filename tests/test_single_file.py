@@ -1,7 +1,7 @@
 """Original single-file SD checkpoints (CompVis layout) against diffusers' own single-file loader.
 
 Small random diffusers/transformers components (SD 1-style, SD 2-style, SD 1 inpainting) are
-written to one CompVis-layout file by ``jaxsd.single_file.write_single_file``. Then
+written to one CompVis-layout file by ``jaxsd.checkpoints.single_file.write_single_file``. Then
 
 1. diffusers' converters (``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``,
    ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``) and
@@ -24,9 +24,9 @@ from diffusers.loaders import single_file_utils as ref
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from jaxsd.checkpoint import SafetensorsFile
-from jaxsd.single_file import (SingleFileError, infer_arch, key_maps, read_single_file,
-                               save_safetensors, to_single_file_state_dict, write_single_file)
+from jaxsd.checkpoints.files import SafetensorsFile
+from jaxsd.checkpoints.single_file import (SingleFileError, infer_arch, key_maps, read_single_file,
+                                           save_safetensors, to_single_file_state_dict, write_single_file)
 
 SD1_UNET = dict(  # SD 1-style: 1x1-conv proj_in, attention_head_dim = 8 heads, 3 levels
     block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=8,

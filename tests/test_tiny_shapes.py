@@ -10,10 +10,11 @@ from PIL import Image
 
 from pipeline_reference import max_diff, reference_pipeline, to_uint8, torch_noise
 from jaxsd import StableDiffusion
+from jaxsd.checkpoints.sources import BUILTIN_MODELS
 from jaxsd.cli import main
-from jaxsd.data import shapes
-from jaxsd.evaluate import judge
-from jaxsd.loading import BUILTIN_MODELS, default_sampler
+from jaxsd.sampling import default_sampler
+from jaxsd.training import shapes
+from jaxsd.training.evaluate import judge
 
 FOLDER = BUILTIN_MODELS["tiny-shapes"]
 PROMPTS = ["a red circle on a blue background", "a large yellow square on a green background, top left",

@@ -1,14 +1,15 @@
-"""jaxsd.export: a jaxsd model saved in diffusers' layout loads in diffusers and gives our outputs."""
+"""jaxsd.training.export: a jaxsd model saved in diffusers' layout loads in diffusers and gives our outputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsd import export
-from jaxsd.train import init_params
-from jaxsd.clip import CLIPTextConfig, CLIPTextModel, load_clip_text
-from jaxsd.unet import UNet, UNetConfig, load_unet
-from jaxsd.vae import AutoencoderKL, VAEConfig, load_vae
+from jaxsd.checkpoints.components import load_clip_text, load_unet, load_vae
+from jaxsd.models.clip import CLIPTextConfig, CLIPTextModel
+from jaxsd.models.unet import UNet, UNetConfig
+from jaxsd.models.vae import AutoencoderKL, VAEConfig
+from jaxsd.training import export
+from jaxsd.training.recipe import init_params
 
 # Small, but with every feature of the tiny model: three levels, mixed attention, head lists.
 VAE = VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=0.7)
@@ -97,7 +98,7 @@ def test_float16_export_halves_the_size(exported, tmp_path):
 @pytest.mark.parametrize("name", sorted(export.SCHEDULER_KEYS))
 def test_scheduler_config_is_what_diffusers_and_jaxsd_expect(name):
     diffusers = pytest.importorskip("diffusers")
-    from jaxsd.loading import default_sampler
+    from jaxsd.sampling import default_sampler
 
     config = export.scheduler_config_json(name)
     scheduler = getattr(diffusers, name).from_config(config)

@@ -1,15 +1,15 @@
 """Training the tiny model: losses, the jitted steps, checkpoints and resuming, on a small config.
 
 The CI smoke test: a few steps of each stage must lower the loss. (The full run is
-``python -m jaxsd.train runs/tiny``; see docs/tiny_model.md.)
+``jaxsd train-tiny runs/tiny``; see docs/tiny_model.md.)
 """
 
 import jax
 import numpy as np
 import pytest
 
-from jaxsd import train, train_loop
-from jaxsd.loading import load_folder
+from jaxsd.checkpoints.sources import load_folder
+from jaxsd.training import recipe as train, loop as train_loop
 
 MODEL = train.SMOKE_MODEL
 

@@ -1,4 +1,4 @@
-"""jaxsd.unet against diffusers' UNet2DConditionModel (PyTorch), with random weights.
+"""jaxsd.models.unet against diffusers' UNet2DConditionModel (PyTorch), with random weights.
 
 Each reference model gets fresh random parameters (weights N(0, 1/fan_in), norm scales
 N(1, 0.1), biases N(0, 0.1)), so that layers diffusers initialises to zero or one cannot hide
@@ -24,9 +24,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.numpy import load_file, save_file
 
-from jaxsd.convert import ConversionError
-from jaxsd.layers import blocked_attention
-from jaxsd.unet import SD15, SD21, UNet, UNetConfig, load_unet
+from jaxsd.checkpoints.components import load_unet
+from jaxsd.checkpoints.convert import ConversionError
+from jaxsd.models.layers import blocked_attention
+from jaxsd.models.unet import SD15, SD21, UNet, UNetConfig
 
 FLOAT32_TOLERANCE = 1e-4   # of the output scale
 BFLOAT16_TOLERANCE = 5e-2  # of the output scale
@@ -289,7 +290,7 @@ def test_unsupported_config_names_the_field(field, value):
 
 
 def test_unknown_config_field_is_logged(caplog):
-    with caplog.at_level("WARNING", logger="jaxsd.unet"):
+    with caplog.at_level("WARNING", logger="jaxsd.models.unet"):
         config = UNetConfig.from_diffusers({**SD15_CONFIG_JSON, "some_future_option": 3})
     assert config == SD15
     assert "some_future_option" in caplog.text
@@ -312,7 +313,7 @@ def test_wrong_shaped_tensor_names_the_key(tiny_sd1, tmp_path):
 
 
 def test_load_reads_config_json(tiny_sd1, caplog):
-    with caplog.at_level("WARNING", logger="jaxsd.unet"):
+    with caplog.at_level("WARNING", logger="jaxsd.models.unet"):
         model, params = load_unet(tiny_sd1, dtype=jnp.bfloat16)
     assert caplog.text == ""  # every field diffusers 0.42 writes is known
     assert model.config == UNetConfig.from_diffusers(json.loads((tiny_sd1 / "config.json").read_text()))

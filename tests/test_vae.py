@@ -1,8 +1,8 @@
-"""jaxsd.vae against diffusers.AutoencoderKL (PyTorch, CPU), with random weights.
+"""jaxsd.models.vae against diffusers.AutoencoderKL (PyTorch, CPU), with random weights.
 
 Every parameter of the reference is re-drawn (conv/linear weights N(0, 1/fan_in), norm scales
 N(1, 0.1^2), biases N(0, 0.1^2)) so that no layer is a zero-initialised no-op, saved with
-``save_pretrained`` and loaded through :func:`jaxsd.vae.load_vae`.
+``save_pretrained`` and loaded through :func:`jaxsd.checkpoints.components.load_vae`.
 
 Tolerances (float32): posterior mean, log-variance and decoder output must agree to a max abs
 error of 1e-4 x the reference's max abs value. Measured on the 2-core CPU (max abs error /
@@ -28,9 +28,10 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from jaxsd import convert
-from jaxsd.vae import (SD_VAE, TINY_VAE, AutoencoderKL, DiagonalGaussian, VAEConfig,
-                       image_to_latents, latents_to_image, load_vae)
+from jaxsd.checkpoints import convert
+from jaxsd.checkpoints.components import load_vae
+from jaxsd.models.vae import (SD_VAE, TINY_VAE, AutoencoderKL, DiagonalGaussian, VAEConfig, image_to_latents,
+                              latents_to_image)
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 RTOL_F32 = 1e-4           # max abs error / max abs reference value, float32

@@ -24,8 +24,9 @@ import numpy as np
 from PIL import Image
 
 import jaxsd
-from jaxsd import evaluate, schedule
-from jaxsd.data import shapes
+from jaxsd.sampling import schedule
+from jaxsd.training import evaluate
+from jaxsd.training import shapes
 
 prompt = sys.argv[1] if len(sys.argv) > 1 else "a large yellow square on a purple background"
 pipe = jaxsd.StableDiffusion.from_pretrained("tiny-shapes")

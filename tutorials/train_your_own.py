@@ -14,7 +14,7 @@ recipe apart and runs each piece at a size that finishes in a minute:
     5. what training buys   the shipped UNet's error per timestep, and its guess of the clean image
     6. a training loop      a fresh text encoder + UNet, optax, 100 steps: the loss falls
 
-Parts 2 and 4 are written out by hand and then checked against `jaxsd.train`, the code that
+Parts 2 and 4 are written out by hand and then checked against `jaxsd.training.recipe`, the code that
 trained the shipped model, so what you read is what ran.
 """
 from pathlib import Path
@@ -26,8 +26,8 @@ import optax
 from PIL import Image
 
 import jaxsd
-from jaxsd import train
-from jaxsd.data import shapes
+from jaxsd.training import recipe
+from jaxsd.training import shapes
 
 out = Path("outputs")
 out.mkdir(exist_ok=True)
@@ -98,7 +98,7 @@ vae_objective = l1 + 1e-5 * kl
 print(f"latents {z.shape}; L1 {float(l1):.4f} (about {float(l1) * 127.5:.1f}/255 per pixel), "
       f"KL {float(kl):.2f} per element")
 
-library_objective, _ = jax.jit(lambda x, key: train.vae_loss(vae, vae_params, x, key, kl_weight=1e-5))(x, key)
+library_objective, _ = jax.jit(lambda x, key: recipe.vae_loss(vae, vae_params, x, key, kl_weight=1e-5))(x, key)
 assert abs(float(vae_objective) - float(library_objective)) < 1e-6, (vae_objective, library_objective)
 save_rows([list(batch.images), list(to_uint8(recon))], "vae_reconstructions.png")
 
@@ -125,7 +125,7 @@ print(f"scaling_factor {scale:.4f}; 1 / std of this batch's latent means {1 / fl
 #     model learns to read the background colour off the starting noise instead of the prompt.
 #   - caption dropout: 10% of the captions are replaced by "", so that the same network also
 #     predicts eps without a prompt, which classifier-free guidance needs at sampling time.
-abar = jnp.asarray(train.scaled_linear_alphas_cumprod(), jnp.float32)      # [1000], 0.99915 -> 0.0047
+abar = jnp.asarray(recipe.scaled_linear_alphas_cumprod(), jnp.float32)      # [1000], 0.99915 -> 0.0047
 captions = [c if i % 10 else "" for i, c in enumerate(batch.captions)]   # image 0: no caption
 ids = jnp.asarray(jaxsd.tokenize(pipe.tokenizer, captions))                # [8, 77]
 latents = z * scale                                                        # [8, 16, 16, 4]
@@ -142,12 +142,12 @@ mse = jnp.square(eps_hat - eps).mean()
 print(f"timesteps {np.asarray(t)}; noise-prediction MSE {float(mse):.4f}")
 
 # The library's loss also trains a small linear probe that must read the colours and the shape
-# off the text encoder's pooled output (train.attribute_loss explains why: without it the young
+# off the text encoder's pooled output (recipe.attribute_loss explains why: without it the young
 # text encoder collapsed to a constant). The probe is thrown away after training, so it is not
 # in the shipped folder; a fresh one is enough here, with weight 0.
-head = train.init_params(train.ATTRIBUTE_HEAD, np.random.default_rng(0), jnp.zeros((1, 64)))
+head = recipe.init_params(recipe.ATTRIBUTE_HEAD, np.random.default_rng(0), jnp.zeros((1, 64)))
 attributes = np.stack([batch.scenes.fg, batch.scenes.bg, batch.scenes.shape], axis=1)
-library_loss = jax.jit(lambda latents, ids, attributes, has_caption, key: train.diffusion_loss(
+library_loss = jax.jit(lambda latents, ids, attributes, has_caption, key: recipe.diffusion_loss(
     pipe.text_encoder, pipe.unet, {"text": pipe.text_params, "unet": pipe.unet_params, "head": head},
     latents, ids, attributes, has_caption, key, abar, attribute_weight=0.0, noise_offset=0.3))
 _, metrics = library_loss(latents, ids, attributes, np.array([c != "" for c in captions]), jax.random.key(2))
@@ -192,17 +192,17 @@ save_rows(rows, "what_the_unet_learned.png")
 # -------------------------------------------------------------------------------------------
 # 6. A training loop.
 #
-# A fresh text encoder and UNet (train.SMOKE_MODEL: the CI smoke test's sizes, a two-level UNet
+# A fresh text encoder and UNet (recipe.SMOKE_MODEL: the CI smoke test's sizes, a two-level UNet
 # of 16 and 32 channels), trained on the shipped VAE's latents with the loss of part 4 and
 # AdamW. Parameters are a plain pytree; one jitted function takes a step: encode, noise,
 # predict, differentiate, update. The full run (`jaxsd train-tiny`) adds a warmup and cosine
 # learning rate, an exponential moving average of the weights (what it ships), the attribute
 # probe, checkpoints and resuming; 5,000 steps of 32 images instead of 100 of 16.
-small = train.SMOKE_MODEL
+small = recipe.SMOKE_MODEL
 text_model, unet_model = jaxsd.CLIPTextModel(small.text), jaxsd.UNet(small.unet)
 rng = np.random.default_rng(0)
-params = {"text": train.init_params(text_model, rng, jnp.zeros((1, 77), jnp.int32)),
-          "unet": train.init_params(unet_model, rng, *unet_model.example_inputs(1, 16))}
+params = {"text": recipe.init_params(text_model, rng, jnp.zeros((1, 77), jnp.int32)),
+          "unet": recipe.init_params(unet_model, rng, *unet_model.example_inputs(1, 16))}
 n_params = sum(p.size for p in jax.tree.leaves(params["unet"]))
 print(f"a fresh UNet of {n_params:,} parameters")
 optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(2e-3, weight_decay=0.01))

@@ -1,1 +1,0 @@
-"""Datasets that jaxsd generates itself (no downloads)."""

@@ -1,0 +1,6 @@
+"""Pipelines compose the models, the checkpoints and the sampling loop into images.
+
+    images.py             image and mask pre/post-processing (diffusers' VaeImageProcessor)
+    encoding.py           prompts -> embeddings, pixels <-> scaled latents, the guided denoiser
+    stable_diffusion.py   StableDiffusion: text_to_image, image_to_image, inpaint
+"""

@@ -1,0 +1,375 @@
+"""Stable Diffusion pipelines: text-to-image, image-to-image and inpainting, exact to diffusers.
+
+    pipe = StableDiffusion.from_pretrained("path/or/hub-id")
+    images = pipe.text_to_image("a photograph of an astronaut riding a horse", seed=0)  # uint8 [1, 512, 512, 3]
+
+One generation is three jitted programs, each compiled once per shape (and sampler, steps) and
+reused: the text encoder, the sampling loop (one ``lax.scan`` over every UNet evaluation, see
+``jaxsd/sampling/loop.py``), and the VAE decoder. Guidance scale, seed, prompt, strength and eta
+are traced values: changing them never recompiles. The pieces they jit (prompt encoding, the
+VAE's scaling, the classifier-free-guided denoiser) are in ``encoding.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsd import sampling
+from jaxsd.checkpoints import sources
+from jaxsd.checkpoints.files import CheckpointError
+from jaxsd.checkpoints.tokenizer import tokenize
+from jaxsd.pipelines import encoding
+from jaxsd.pipelines import images as imgs
+from jaxsd.pipelines.encoding import PromptEmbeddings
+from jaxsd.sampling.schedule import ScheduleConfig
+
+OUTPUTS = ("images", "latents", "trajectory")
+NO_KARRAS = ("ddim", "ddpm", "pndm")  # samplers whose diffusers scheduler has no use_karras_sigmas
+
+
+class StableDiffusion:
+    """A loaded checkpoint: the modules, their parameters, the tokenizer and the schedule."""
+
+    def __init__(self, components: sources.Components, dtype=jnp.float32):
+        c = components
+        self.tokenizer = c.tokenizer
+        self.text_encoder, self.text_params = c.text_encoder, c.text_params
+        self.unet, self.unet_params = c.unet, c.unet_params
+        self.vae, self.vae_params = c.vae, c.vae_params
+        self.scheduler_config = c.scheduler_config
+        self.schedule = ScheduleConfig.from_config(c.scheduler_config)
+        try:
+            self.scheduler = sampling.default_sampler(c.scheduler_config)  # the checkpoint's default
+        except ValueError as e:
+            raise CheckpointError(f"{c.source}: {e}") from None
+        self.source, self.dtype = c.source, dtype
+        self.vae_factor = self.vae.config.downsample_factor           # 8: pixels per latent
+        self.latent_multiple = 2 ** (self.unet.config.levels - 1)     # the UNet halves h, w L-1 times
+        # text_to_image's default size: the UNet's native one (unet/config.json's sample_size, as
+        # diffusers), 512 when the checkpoint does not say
+        self.default_size = c.sample_size * self.vae_factor if c.sample_size else 512
+        self._encode_text_jit = jax.jit(functools.partial(encoding.encode_text, self.text_encoder),
+                                        static_argnames="clip_skip")
+        self._encode_image_jit = jax.jit(functools.partial(encoding.encode_image, self.vae))
+        self._decode_jit = jax.jit(functools.partial(encoding.decode_latents, self.vae))
+        self._model_fns: dict = {}   # (guidance, rescale, extra channels) -> model_fn (static in jit)
+
+    @classmethod
+    def from_pretrained(cls, source, dtype=jnp.float32, *, revision: str | None = None,
+                        variant: str | None = None, allow_pickle: bool = False,
+                        **overrides) -> "StableDiffusion":
+        """Load a diffusers folder, a Hugging Face Hub id or an original single-file checkpoint.
+
+        :param dtype: compute and parameter dtype (jnp.float32, jnp.bfloat16 or jnp.float16).
+        :param revision: Hub branch, tag or commit.
+        :param variant: weight files variant, e.g. ``"fp16"``.
+        :param allow_pickle: read ``.ckpt``/``.bin`` pickle files (can run arbitrary code).
+        :param overrides: single-file architecture overrides (see ``jaxsd.checkpoints.single_file``).
+        """
+        return cls(sources.load(source, dtype, revision=revision, variant=variant,
+                                allow_pickle=allow_pickle, overrides=overrides or None), dtype)
+
+    # -----------------------------------------------------------------------------------------
+    # Text
+
+    def encode_prompt(self, prompt=None, negative_prompt=None, *, batch_size: int | None = None,
+                      guidance: bool = True, clip_skip: int | None = None,
+                      prompt_embeds=None, negative_prompt_embeds=None) -> PromptEmbeddings:
+        """Prompts -> CLIP embeddings, one row per image (diffusers' encode_prompt).
+
+        :param prompt: a string, or a list of P strings.
+        :param negative_prompt: None (the empty prompt), a string for every prompt, or a list of P.
+        :param batch_size: images in all; a multiple of P (default P). Each prompt's images are
+            consecutive, as diffusers' num_images_per_prompt.
+        :param guidance: also encode the negative prompts (classifier-free guidance).
+        :param clip_skip: use the output of the layer clip_skip before the last (positive prompts only,
+            as diffusers).
+        :param prompt_embeds: precomputed [P, 77, D] embeddings instead of prompt.
+        """
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt (text) and prompt_embeds (precomputed "
+                             f"embeddings); got prompt={prompt!r} and prompt_embeds "
+                             f"{'given' if prompt_embeds is not None else 'None'}")
+        if clip_skip is not None and not 0 <= clip_skip < self.text_encoder.config.num_hidden_layers:
+            raise ValueError(f"clip_skip={clip_skip!r} must be an integer in [0, "
+                             f"{self.text_encoder.config.num_hidden_layers - 1}] (layers to skip)")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        P = len(prompts) if prompt is not None else np.shape(prompt_embeds)[0]
+        if P == 0:
+            raise ValueError("prompt is an empty list")
+        batch_size = P if batch_size is None else batch_size
+        if not isinstance(batch_size, int) or batch_size < 1 or batch_size % P:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive multiple of the number of "
+                             f"prompts ({P}); it is the number of images in all")
+        per_prompt = batch_size // P
+
+        if prompt_embeds is None:
+            cond = self._encode_text_jit(self.text_params, tokenize(self.tokenizer, prompts), clip_skip)
+        else:
+            cond = jnp.asarray(prompt_embeds)
+            D = self.unet.config.cross_attention_dim
+            if cond.ndim != 3 or cond.shape[-1] != D:
+                raise ValueError(f"prompt_embeds has shape {cond.shape}; expected [prompts, 77, {D}]")
+        uncond = None
+        if guidance:
+            if negative_prompt_embeds is not None:
+                uncond = jnp.asarray(negative_prompt_embeds)
+                if uncond.shape != cond.shape:
+                    raise ValueError(f"negative_prompt_embeds has shape {uncond.shape}; it must match "
+                                     f"prompt_embeds {cond.shape}")
+            else:
+                negatives = encoding.negative_prompts(negative_prompt, P)
+                uncond = self._encode_text_jit(self.text_params, tokenize(self.tokenizer, negatives))
+        repeat = lambda x: None if x is None else jnp.repeat(x, per_prompt, axis=0)
+        return PromptEmbeddings(repeat(cond), repeat(uncond))
+
+    # -----------------------------------------------------------------------------------------
+    # Images <-> latents
+
+    def encode_image(self, pixels_BHWC, key) -> jax.Array:
+        """float images in [-1, 1] -> scaled latents z ~ q(z|x), times scaling_factor."""
+        return self._encode_image_jit(self.vae_params, jnp.asarray(pixels_BHWC, jnp.float32), key)
+
+    def decode(self, latents_BhwC) -> np.ndarray:
+        """Scaled latents -> uint8 images [B, H, W, 3] (warns on NaN)."""
+        return imgs.to_uint8(np.asarray(self._decode_jit(self.vae_params, jnp.asarray(latents_BhwC))))
+
+    # -----------------------------------------------------------------------------------------
+    # The denoiser the sampler calls, and the loop
+
+    def _model_fn(self, guidance: bool, rescale: bool, extra: bool):
+        """The guided denoiser for these switches, kept so that its identity (a static jit
+        argument of the sampling loop) stays the same across calls."""
+        key = (guidance, rescale, extra)
+        if key not in self._model_fns:
+            self._model_fns[key] = encoding.guided_model_fn(self.unet, guidance, rescale, extra)
+        return self._model_fns[key]
+
+    def _sampler_and_schedule(self, scheduler, karras):
+        name = scheduler or self.scheduler
+        sampling.get_sampler(name)  # an error listing the choices
+        schedule = self.schedule
+        if karras:
+            if name in NO_KARRAS:
+                raise ValueError(f"karras=True: sampler {name!r} has no Karras sigmas (diffusers' "
+                                 f"scheduler for it has no use_karras_sigmas); choose one of "
+                                 f"{sorted(set(sampling.SAMPLERS) - set(NO_KARRAS))}")
+            schedule = dataclasses.replace(schedule, use_karras_sigmas=True)
+        return name, schedule
+
+    def _check_size(self, height, width):
+        f, m = self.vae_factor, self.vae_factor * self.latent_multiple
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, (int, np.integer)) or value <= 0 or value % f:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of {f} (the VAE "
+                                 f"turns {f} x {f} pixels into one latent), e.g. {max(f, value // f * f) if isinstance(value, (int, np.integer)) else 512}")
+            if value % m:
+                raise ValueError(f"{name}={value} must be a multiple of {m}: this UNet halves the "
+                                 f"{value // f}-latent side {self.latent_multiple.bit_length() - 1} times; "
+                                 f"e.g. {max(m, value // m * m)}")
+
+    def _noise(self, latents, shape, key):
+        if latents is None:
+            return jax.random.normal(key, shape, jnp.float32)
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.shape != shape:
+            raise ValueError(f"latents has shape {latents.shape}; expected {shape} "
+                             f"[batch, height/{self.vae_factor}, width/{self.vae_factor}, channels], NHWC")
+        return latents
+
+    def _run(self, emb: PromptEmbeddings, noise, *, scheduler, karras, num_steps, guidance_scale,
+             guidance_rescale, eta, key, output, progress, init_latents=None, first_step=0,
+             extra=None, after_step=None, after_step_args=()):
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r}; choose one of {OUTPUTS}")
+        name, schedule = self._sampler_and_schedule(scheduler, karras)
+        guided = emb.uncond is not None
+        context = jnp.concatenate([emb.uncond, emb.cond]) if guided else emb.cond
+        if extra is not None and guided:
+            extra = jnp.concatenate([extra, extra])
+        model_fn = self._model_fn(guided, guided and guidance_rescale > 0, extra is not None)
+        args = (self.unet_params, context, jnp.float32(guidance_scale), jnp.float32(guidance_rescale), extra)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            plan = sampling.make_plan(name, num_steps, schedule)
+            bar = tqdm(total=plan.timesteps.shape[0], desc=f"{name}, {num_steps} steps", unit="eval")
+        try:
+            out = sampling.sample(model_fn, noise, sampler=name, num_steps=num_steps, schedule=schedule,
+                                  key=key, model_args=args, eta=eta, init_latents=init_latents,
+                                  first_step=first_step, return_trajectory=output == "trajectory",
+                                  progress=bar, after_step=after_step, after_step_args=after_step_args)
+        finally:
+            if bar is not None:
+                bar.close()
+        if output == "trajectory":
+            return np.asarray(out.trajectory)
+        if output == "latents":
+            return np.asarray(out.latents)
+        return self.decode(out.latents)
+
+    # -----------------------------------------------------------------------------------------
+    # The three entry points
+
+    def text_to_image(self, prompt=None, *, negative_prompt=None, batch_size: int | None = None,
+                      num_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                      scheduler: str | None = None, karras: bool = False, eta: float = 0.0,
+                      height: int | None = None, width: int | None = None, seed: int = 0, latents=None,
+                      clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
+                      output: str = "images", progress: bool = False):
+        """Text -> uint8 images [B, height, width, 3] (diffusers' StableDiffusionPipeline).
+
+        :param latents: the initial unit Gaussian noise [B, height/8, width/8, 4] (NHWC), as
+            diffusers' ``latents``; default drawn from ``seed``.
+        :param scheduler: a jaxsd sampler name (default: the checkpoint's scheduler).
+        :param guidance_scale: w; classifier-free guidance runs when w > 1.
+        :param height, width: in pixels; default ``self.default_size`` (the UNet's native size:
+            512 for SD 1.x, 64 for the built-in tiny-shapes model).
+        :param output: "images" (uint8), "latents" (the final scaled latents) or "trajectory"
+            (the latents after every UNet evaluation, [E, B, h, w, 4]).
+        """
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        self._check_size(height, width)
+        emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size,
+                                 guidance=guidance_scale > 1, clip_skip=clip_skip,
+                                 prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        noise_key, sampler_key, _ = jax.random.split(jax.random.key(seed), 3)
+        B, f = emb.cond.shape[0], self.vae_factor
+        noise = self._noise(latents, (B, height // f, width // f, self.vae.config.latent_channels), noise_key)
+        return self._run(emb, noise, scheduler=scheduler, karras=karras, num_steps=num_steps,
+                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
+                         key=sampler_key, output=output, progress=progress)
+
+    def _prepare(self, image, height, width, prompt, kw):
+        """Shared by image_to_image and inpaint: size, prompt embeddings, pixels, keys."""
+        if height is None or width is None:
+            dh, dw = imgs.default_size(image, self.vae_factor)
+            height, width = height or dh, width or dw
+        self._check_size(height, width)
+        emb = self.encode_prompt(prompt, kw.pop("negative_prompt"), batch_size=kw.pop("batch_size"),
+                                 guidance=kw["guidance_scale"] > 1, clip_skip=kw.pop("clip_skip"),
+                                 prompt_embeds=kw.pop("prompt_embeds"),
+                                 negative_prompt_embeds=kw.pop("negative_prompt_embeds"))
+        keys = jax.random.split(jax.random.key(kw.pop("seed")), 4)  # noise, sampler, 2 x posterior
+        return height, width, emb, keys
+
+    def _tile(self, x, B: int, what: str):
+        """Repeat a batch of n images to B (n must divide B), as diffusers duplicates them."""
+        n = x.shape[0]
+        if B % n:
+            raise ValueError(f"{n} {what}s cannot be spread over a batch of {B} images: pass one "
+                             f"{what}, or as many as images")
+        return jnp.concatenate([x] * (B // n))
+
+    def _first_step(self, strength, num_steps, scheduler, karras):
+        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength={strength!r} must lie in (0, 1]: 1 ignores the image's "
+                             f"content, small values change it little")
+        if int(num_steps * strength) < 1:
+            raise ValueError(f"strength={strength} with num_steps={num_steps} runs no step at all "
+                             f"(int(num_steps * strength) = 0); raise one of them")
+        name, schedule = self._sampler_and_schedule(scheduler, karras)
+        plan = sampling.make_plan(name, num_steps, schedule)
+        return plan, sampling.first_step_for_strength(plan, num_steps, strength)
+
+    def image_to_image(self, image, prompt=None, *, strength: float = 0.8, negative_prompt=None,
+                       batch_size: int | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
+                       guidance_rescale: float = 0.0, scheduler: str | None = None,
+                       karras: bool = False, eta: float = 0.0, height: int | None = None,
+                       width: int | None = None, seed: int = 0, latents=None,
+                       clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
+                       output: str = "images", progress: bool = False):
+        """Image + text -> images (StableDiffusionImg2ImgPipeline): noise the image's latents to
+        level ``strength`` and denoise from there, running int(num_steps * strength) steps.
+
+        :param image: PIL image(s) or uint8 / [0, 1] float arrays; resized to height x width
+            (default: its own size rounded down to a multiple of 8).
+        :param latents: the unit Gaussian noise mixed into the image latents (default from seed).
+        """
+        kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
+                  prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                  seed=seed, guidance_scale=guidance_scale)
+        _, first_step = self._first_step(strength, num_steps, scheduler, karras)
+        height, width, emb, keys = self._prepare(image, height, width, prompt, kw)
+        B = emb.cond.shape[0]
+        pixels = imgs.prepare_image(image, height, width)
+        image_latents = self._tile(self.encode_image(pixels, keys[2]), B, "image")
+        noise = self._noise(latents, image_latents.shape, keys[0])
+        return self._run(emb, noise, scheduler=scheduler, karras=karras, num_steps=num_steps,
+                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
+                         key=keys[1], output=output, progress=progress,
+                         init_latents=image_latents, first_step=first_step)
+
+    def inpaint(self, image, mask, prompt=None, *, strength: float = 1.0, negative_prompt=None,
+                batch_size: int | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
+                scheduler: str | None = None, karras: bool = False, eta: float = 0.0,
+                height: int | None = None, width: int | None = None, seed: int = 0, latents=None,
+                clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
+                output: str = "images", progress: bool = False):
+        """Repaint the white part of ``mask`` (StableDiffusionInpaintPipeline).
+
+        9-channel inpainting UNets see the mask and the masked image's latents as extra input
+        channels. Ordinary 4-channel UNets denoise everything, and after every step the known
+        region is replaced by the image's latents noised to the next step's level.
+        """
+        imgs.check_mask_matches(image, mask)
+        kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
+                  prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                  seed=seed, guidance_scale=guidance_scale)
+        plan, first_step = self._first_step(strength, num_steps, scheduler, karras)
+        height, width, emb, keys = self._prepare(image, height, width, prompt, kw)
+        B, f, C = emb.cond.shape[0], self.vae_factor, self.vae.config.latent_channels
+        pixels = imgs.prepare_image(image, height, width)
+        mask_px = imgs.prepare_mask(mask, height, width)
+        # The latent-space mask: nearest-neighbour downsampling (torch's F.interpolate default).
+        mask_latents = self._tile(jnp.asarray(mask_px[:, ::f, ::f]), B, "mask")
+        in_channels = self.unet.config.in_channels
+        if in_channels not in (C, 2 * C + 1):
+            raise ValueError(f"inpainting needs a UNet with {C} or {2 * C + 1} input channels; this "
+                             f"one has in_channels={in_channels}")
+        nine = in_channels == 2 * C + 1
+        image_latents = None
+        if not nine or strength < 1:
+            image_latents = self._tile(self.encode_image(pixels, keys[2]), B, "image")
+        noise = self._noise(latents, (B, height // f, width // f, C), keys[0])
+        extra = after_step = None
+        after_args = ()
+        if nine:
+            masked = pixels * (mask_px < 0.5)
+            masked_latents = self._tile(self.encode_image(masked, keys[3]), B, "image")
+            extra = jnp.concatenate([mask_latents, masked_latents], axis=-1)   # [B, h, w, 1 + C]
+        else:
+            after_step = encoding.paste_known_region
+            after_args = (image_latents, mask_latents, noise, plan.noise_a, plan.noise_b)
+        return self._run(emb, noise, scheduler=scheduler, karras=karras, num_steps=num_steps,
+                         guidance_scale=guidance_scale, guidance_rescale=0.0, eta=eta, key=keys[1],
+                         output=output, progress=progress,
+                         init_latents=image_latents if strength < 1 else None,
+                         first_step=first_step if strength < 1 else 0, extra=extra,
+                         after_step=after_step, after_step_args=after_args)
+
+    # -----------------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """What this checkpoint is, for ``jaxsd info``."""
+        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+        D = self.unet.config.cross_attention_dim
+        arch = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}.get(D, f"custom (text width {D})")
+        if self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1:
+            arch += ", inpainting (9-channel UNet)"
+        return {
+            "source": self.source, "architecture": arch,
+            "prediction_type": self.schedule.prediction_type,
+            "default_scheduler": f"{self.scheduler} ({self.scheduler_config.get('_class_name')})",
+            "parameters": {"text_encoder": count(self.text_params), "unet": count(self.unet_params),
+                           "vae": count(self.vae_params)},
+            "dtype": jnp.dtype(self.dtype).name,
+            "vae_scaling_factor": self.vae.config.scaling_factor,
+        }
+

@@ -1,0 +1,107 @@
+"""What every sampler shares: the host-side `Plan`, and turning a model output into x0.
+
+A sampler is two functions:
+
+    plan(cfg, num_steps) -> Plan                  NumPy float64, outside jit, once per schedule
+    step(state, model_output, c, noise) -> state  jnp float32, pure, inside the lax.scan
+
+One scan iteration is one UNet evaluation, exactly one call of diffusers' `scheduler.step`
+(Heun-style samplers take two per step; PNDM takes num_steps + 1). `c` is this evaluation's slice
+of `Plan.consts` (every array there has a leading axis of length `Plan.timesteps.shape[0]`), plus
+the traced options the loop adds (`c["eta"]`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxsd.sampling.schedule import ScheduleConfig
+
+
+class Plan(NamedTuple):
+    """Everything a sampler precomputes; all arrays have a leading evaluation axis [E]."""
+
+    timesteps: np.ndarray  # [E] float32, the timestep diffusers passes to the UNet at each evaluation
+    c_in: np.ndarray  # [E] float32, UNet input = c_in * latents (diffusers' scale_model_input)
+    consts: dict  # name -> [E] (or [E, k]) float32 arrays, sliced per evaluation for `step`
+    noise_a: np.ndarray  # [E] img2img: add_noise(x0, noise) = noise_a * x0 + noise_b * noise,
+    noise_b: np.ndarray  # [E]   evaluated at the first kept evaluation (diffusers' add_noise)
+    init_noise_sigma: float  # text-to-image latents = init_noise_sigma * unit Gaussian noise
+    order: int  # diffusers' scheduler.order: img2img skips t_start * order evaluations
+
+
+def make_plan(timesteps, c_in, consts, noise_a, noise_b, init_noise_sigma, order=1) -> Plan:
+    """Casts everything to float32 (schedules are built in float64, sampling runs in float32)."""
+    f32 = lambda a: np.asarray(a, np.float64).astype(np.float32)
+    return Plan(f32(timesteps), f32(c_in), {k: f32(v) for k, v in consts.items()}, f32(noise_a),
+                f32(noise_b), float(init_noise_sigma), order)
+
+
+def x0_coefficients(prediction_type: str, alpha, sigma):
+    """x0 = a * x + b * model_output for x = alpha * x0 + sigma * eps (variance preserving).
+
+    epsilon:       x0 = (x - sigma eps) / alpha            (Ho et al. 2020 eq. 15)
+    v_prediction:  x0 = alpha x - sigma v, v = alpha eps - sigma x0   (Salimans & Ho 2022 sec. 4)
+    sample:        x0 = model_output
+    Returns (a, b) as float64 arrays shaped like alpha.
+    """
+    alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+    if prediction_type == "epsilon":
+        return 1 / alpha, -sigma / alpha
+    if prediction_type == "v_prediction":
+        return alpha, -sigma
+    return np.zeros_like(alpha), np.ones_like(alpha)
+
+
+def eps_coefficients(prediction_type: str, alpha, sigma):
+    """eps = a * x + b * model_output, from eps = (x - alpha x0) / sigma with x0 as above."""
+    alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+    if prediction_type == "epsilon":
+        return np.zeros_like(alpha), np.ones_like(alpha)
+    if prediction_type == "v_prediction":
+        return sigma, alpha  # eps = sigma x + alpha v
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1 / sigma, -alpha / sigma
+
+
+def k_x0_coefficients(prediction_type: str, sigma):
+    """x0 = a * x + b * model_output in Karras' form x = x0 + sigma eps (x = x_vp / alpha).
+
+    epsilon: x0 = x - sigma eps;  v: x0 = x / (sigma^2 + 1) - v sigma / sqrt(sigma^2 + 1).
+    """
+    sigma = np.asarray(sigma, np.float64)
+    alpha = 1 / np.sqrt(sigma**2 + 1)  # the VP alpha of this sigma
+    a, b = x0_coefficients(prediction_type, alpha, sigma * alpha)
+    return a * alpha, b
+
+
+def vp_alpha_sigma(sigma):
+    """(alpha_t, sigma_t) of the VP process for Karras' sigma: alpha = 1/sqrt(1+sigma^2)."""
+    alpha = 1 / np.sqrt(np.asarray(sigma, np.float64) ** 2 + 1)
+    return alpha, sigma * alpha
+
+
+def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, prediction_types=None,
+            sigmas=False, rescale=False, clip=False) -> None:
+    """Raises if `cfg` asks `sampler` for something its diffusers class does not have.
+
+    diffusers itself would silently ignore most of these (its from_config drops keys the class
+    does not know); jaxsd raises so that a config never means something it does not do.
+    """
+    where = f"sampler {sampler!r} (diffusers {diffusers_class})"
+    valid = prediction_types or ("epsilon", "v_prediction", "sample")
+    if cfg.prediction_type not in valid:
+        raise ValueError(f"{where} does not support prediction_type={cfg.prediction_type!r}; "
+                         f"it supports {list(valid)}")
+    if not sigmas:
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            if getattr(cfg, key):
+                raise ValueError(f"{where} has no {key}; set {key}=False or use one of the "
+                                 "samplers that offer it (euler, heun, lms, dpm2, dpm2_a, "
+                                 "dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, dpmpp_sde, unipc, deis)")
+    if cfg.rescale_betas_zero_snr and not rescale:
+        raise ValueError(f"{where} has no rescale_betas_zero_snr; set it False or use ddim, ddpm, "
+                         "euler, euler_a, dpmpp_2m, dpmpp_2m_sde or unipc")
+    if cfg.clip_sample and not clip:
+        raise ValueError(f"{where} has no clip_sample; set clip_sample=False")

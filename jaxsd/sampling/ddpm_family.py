@@ -1,0 +1,182 @@
+"""DDPM, DDIM and PNDM: samplers on the discrete training timesteps, x_t = sqrt(a_t) x0 + sqrt(1-a_t) eps.
+
+a_t is alpha_bar_t (alphas_cumprod). The model is called on x itself (no input scaling) with the
+integer timestep t. Each step goes from t to the previous timestep t' (a_{t'} = final alpha past 0).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxsd.sampling import schedule as S
+from jaxsd.sampling.common import Plan, eps_coefficients, make_plan, require, x0_coefficients
+
+
+@struct.dataclass
+class LatentState:
+    """State of a one-step sampler: just the latents."""
+
+    x: jnp.ndarray  # [B, H, W, C] float32, the current sample x_t (diffusers' `latents`)
+
+
+def init_latent_state(x):
+    return LatentState(x=x)
+
+
+def _alpha_plan(cfg, num_steps, default_spacing="leading"):
+    spacing = cfg.timestep_spacing or default_spacing
+    t = S.spaced_timesteps(spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset)
+    ab = S.alphas_cumprod(cfg)
+    return t, ab
+
+
+def _alpha_noise(ab_t):
+    # diffusers' add_noise: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise (Ho et al. 2020 eq. 4).
+    return np.sqrt(ab_t), np.sqrt(1 - ab_t)
+
+
+# --- DDIM ------------------------------------------------------------------------------------
+
+
+def ddim_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
+    """DDIMScheduler. Note: diffusers steps from t to t - T // N even for trailing spacing."""
+    require(cfg, "ddim", "DDIMScheduler", rescale=True, clip=True)
+    t, ab = _alpha_plan(cfg, num_steps)
+    final = 1.0 if (cfg.set_alpha_to_one is None or cfg.set_alpha_to_one) else ab[0]
+    t_prev = t - cfg.num_train_timesteps // num_steps
+    a_t = ab[t]
+    a_prev = np.where(t_prev >= 0, ab[np.maximum(t_prev, 0)], final)
+    x0_x, x0_out = x0_coefficients(cfg.prediction_type, np.sqrt(a_t), np.sqrt(1 - a_t))
+    eps_x, eps_out = eps_coefficients(cfg.prediction_type, np.sqrt(a_t), np.sqrt(1 - a_t))
+    clip = cfg.clip_sample is None or cfg.clip_sample
+    consts = dict(
+        x0_x=x0_x, x0_out=x0_out, eps_x=eps_x, eps_out=eps_out,
+        clip=np.full(len(t), cfg.clip_sample_range if clip else np.inf),
+        a_prev=a_prev,
+        # DDIM eq. 16 with eta = 1: sigma_t^2 = (1 - a_prev)/(1 - a_t) (1 - a_t/a_prev)
+        variance=(1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev),
+    )
+    return make_plan(t, np.ones(len(t)), consts, *_alpha_noise(a_t), 1.0)
+
+
+def ddim_step(state: LatentState, model_output, c, noise) -> LatentState:
+    """Song et al. 2021 (DDIM) eq. 12, with sigma_t = eta * sqrt(variance) (eq. 16)."""
+    x = state.x
+    x0 = jnp.clip(c["x0_x"] * x + c["x0_out"] * model_output, -c["clip"], c["clip"])
+    eps = c["eps_x"] * x + c["eps_out"] * model_output
+    std = c["eta"] * jnp.sqrt(c["variance"])
+    # x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z
+    x = jnp.sqrt(c["a_prev"]) * x0 + jnp.sqrt(1 - c["a_prev"] - std**2) * eps + std * noise
+    return LatentState(x=x)
+
+
+# --- DDPM ------------------------------------------------------------------------------------
+
+DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+def ddpm_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
+    """DDPMScheduler: ancestral sampling of the posterior q(x_{t'} | x_t, x0) on N timesteps."""
+    require(cfg, "ddpm", "DDPMScheduler", rescale=True, clip=True)
+    variance_type = cfg.variance_type or "fixed_small"
+    S._check_choice("variance_type", variance_type, DDPM_VARIANCE_TYPES)
+    t, ab = _alpha_plan(cfg, num_steps)
+    t_prev = np.append(t[1:], -1)  # the next timestep in the list, -1 after the last
+    a_t = ab[t]
+    a_prev = np.where(t_prev >= 0, ab[np.maximum(t_prev, 0)], 1.0)
+    beta_t = 1 - a_t / a_prev  # the effective beta of this (possibly strided) step
+    # Ho et al. 2020 eq. 7: mean = c0 x0 + c1 x_t, beta_tilde = (1 - a_prev)/(1 - a_t) beta_t
+    c0 = np.sqrt(a_prev) * beta_t / (1 - a_t)
+    c1 = np.sqrt(1 - beta_t) * (1 - a_prev) / (1 - a_t)
+    small = np.maximum((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
+    std = np.sqrt(beta_t) if variance_type == "fixed_large" else np.sqrt(small)
+    std = np.where(t > 0, std, 0.0)  # no noise on the step that starts at t = 0
+    x0_x, x0_out = x0_coefficients(cfg.prediction_type, np.sqrt(a_t), np.sqrt(1 - a_t))
+    clip = cfg.clip_sample is None or cfg.clip_sample
+    consts = dict(x0_x=x0_x, x0_out=x0_out, c0=c0, c1=c1, std=std,
+                  clip=np.full(len(t), cfg.clip_sample_range if clip else np.inf))
+    return make_plan(t, np.ones(len(t)), consts, *_alpha_noise(a_t), 1.0)
+
+
+def ddpm_step(state: LatentState, model_output, c, noise) -> LatentState:
+    """Ho et al. 2020 Alg. 2 in the posterior-mean form (eq. 7) with a predicted x0."""
+    x = state.x
+    x0 = jnp.clip(c["x0_x"] * x + c["x0_out"] * model_output, -c["clip"], c["clip"])
+    return LatentState(x=c["c0"] * x0 + c["c1"] * x + c["std"] * noise)
+
+
+# --- PNDM (PLMS only, as SD's skip_prk_steps=True) -------------------------------------------
+
+
+@struct.dataclass
+class PNDMState:
+    """State of PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models")."""
+
+    x: jnp.ndarray  # [B, H, W, C] the current sample
+    outputs: jnp.ndarray  # [4, B, H, W, C] past model outputs, newest first (diffusers' ets)
+    x_start: jnp.ndarray  # [B, H, W, C] the sample before the first step, reused by the second
+    count: jnp.ndarray  # [] int32, evaluations done so far (diffusers' counter)
+
+
+def init_pndm_state(x):
+    return PNDMState(x=x, outputs=jnp.zeros((4,) + x.shape, x.dtype), x_start=x,
+                     count=jnp.zeros((), jnp.int32))
+
+
+# Weights of (this output, outputs[0..3]) by count (rows 0..4): count 0 uses the output as is;
+# count 1 averages it with the first (a 2nd-order Heun-like restart from x_start); from count 2
+# on the output is stored first and the Adams-Bashforth weights of orders 2, 3, 4 apply.
+PLMS_WEIGHTS = np.array([
+    [1, 0, 0, 0, 0],
+    [1 / 2, 1 / 2, 0, 0, 0],
+    [0, 3 / 2, -1 / 2, 0, 0],
+    [0, 23 / 12, -16 / 12, 5 / 12, 0],
+    [0, 55 / 24, -59 / 24, 37 / 24, -9 / 24],
+])
+
+
+def pndm_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
+    """PNDMScheduler with skip_prk_steps=True: N + 1 evaluations, the second timestep repeated."""
+    require(cfg, "pndm", "PNDMScheduler", prediction_types=("epsilon", "v_prediction"))
+    if not cfg.skip_prk_steps:
+        raise ValueError("sampler 'pndm' implements PLMS only: set skip_prk_steps=True (as SD's "
+                         f"scheduler_config.json does); got skip_prk_steps={cfg.skip_prk_steps!r}")
+    spacing = cfg.timestep_spacing or "leading"
+    T = cfg.num_train_timesteps
+    ts = S.spaced_timesteps(spacing, num_steps, T, cfg.steps_offset)[::-1]  # ascending
+    t = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]  # descending, t_1 twice
+    ab = S.alphas_cumprod(cfg)
+    final = ab[0] if not cfg.set_alpha_to_one else 1.0
+    r = T // num_steps
+    alpha = lambda tt: np.where(tt >= 0, ab[np.clip(tt, 0, T - 1)], final)
+
+    def update(t_from, t_to):
+        # Liu et al. 2022 eq. 11 (the DDIM step as a "transfer" phi):
+        # x' = sqrt(a'/a) x - (a' - a) eps / (a sqrt(1 - a') + sqrt(a (1 - a) a'))
+        a, a_prev = alpha(t_from), alpha(t_to)
+        g = (a_prev - a) / (a * np.sqrt(1 - a_prev) + np.sqrt(a * (1 - a) * a_prev))
+        eps_x, eps_out = eps_coefficients(cfg.prediction_type, np.sqrt(a), np.sqrt(1 - a))
+        return np.sqrt(a_prev / a) - g * eps_x, -g * eps_out  # x' = k_x x + k_out combined_output
+
+    k_x, k_out = update(t, t - r)
+    # diffusers' second evaluation (count 1) redoes the first step: from t + r to t.
+    k_x1, k_out1 = update(np.minimum(t + r, T - 1), t)
+    consts = dict(k_x=k_x, k_out=k_out, k_x1=k_x1, k_out1=k_out1)
+    noise_a, noise_b = _alpha_noise(ab[t])
+    return make_plan(t, np.ones(len(t)), consts, noise_a, noise_b, 1.0)
+
+
+def pndm_step(state: PNDMState, model_output, c, noise) -> PNDMState:
+    """Liu et al. 2022 Alg. 2 (PLMS), with diffusers' warmup of the first two evaluations."""
+    del noise
+    n = state.count
+    stored = jnp.concatenate([model_output[None], state.outputs[:3]])
+    outputs = jnp.where(n == 1, state.outputs, stored)  # count 1 does not store its output
+    w = jnp.asarray(PLMS_WEIGHTS, jnp.float32)[jnp.minimum(n, 4)]
+    combined = w[0] * model_output + jnp.einsum("k,k...->...", w[1:], outputs)
+    x = jnp.where(n == 1, state.x_start, state.x)
+    k_x = jnp.where(n == 1, c["k_x1"], c["k_x"])
+    k_out = jnp.where(n == 1, c["k_out1"], c["k_out"])
+    return PNDMState(x=k_x * x + k_out * combined, outputs=outputs,
+                     x_start=jnp.where(n == 0, state.x, state.x_start), count=n + 1)

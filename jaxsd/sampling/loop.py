@@ -1,0 +1,239 @@
+"""The sampling loop: every sampler, every step, one `jax.lax.scan` in one jitted program.
+
+    latents = sample(model_fn, noise, sampler="dpmpp_2m", num_steps=25, schedule=cfg, key=key).latents
+
+`model_fn(x, t, *model_args)` is the denoiser: x is exactly the UNet input diffusers would pass
+(`scheduler.scale_model_input(latents, t)`), t the timestep it would pass (a float32 scalar,
+fractional for Karras-style schedules), and `model_args` any traced values it needs (text
+embeddings, guidance scale). One scan iteration is one model evaluation.
+
+What is static (a change recompiles): model_fn, sampler, num_steps (through the plan's length),
+the shapes, return_trajectory and whether a progress bar is attached. What is traced (a change
+reuses the compiled program): the schedule's numbers, model_args, eta, key, first_step (img2img).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsd.sampling import ddpm_family as ddpm
+from jaxsd.sampling import dpm_solver as dpm
+from jaxsd.sampling import k_diffusion as kd
+from jaxsd.sampling import unipc_deis as ud
+from jaxsd.sampling.common import Plan
+from jaxsd.sampling.schedule import ScheduleConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A sampler: how to plan its steps on the host, and its pure step function."""
+
+    name: str  # jaxsd's name, as used by `sample(sampler=...)`
+    diffusers: str  # the diffusers scheduler it reproduces, with its non-default arguments
+    plan: Callable[[ScheduleConfig, int], Plan]  # host side, NumPy float64
+    init: Callable[[jax.Array], Any]  # latents -> initial state (a flax.struct dataclass)
+    step: Callable[..., Any]  # (state, model_output, c, noise) -> state, pure
+    stochastic: bool = False  # draws fresh Gaussian noise at every evaluation
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
+    Sampler("ddim", "DDIMScheduler", ddpm.ddim_plan, ddpm.init_latent_state, ddpm.ddim_step,
+            stochastic=True),  # the noise is multiplied by eta (0 by default)
+    Sampler("ddpm", "DDPMScheduler", ddpm.ddpm_plan, ddpm.init_latent_state, ddpm.ddpm_step,
+            stochastic=True),
+    Sampler("pndm", "PNDMScheduler(skip_prk_steps=True)", ddpm.pndm_plan, ddpm.init_pndm_state,
+            ddpm.pndm_step),
+    Sampler("lms", "LMSDiscreteScheduler", kd.lms_plan, kd.init_lms_state, kd.lms_step),
+    Sampler("euler", "EulerDiscreteScheduler", kd.euler_plan, kd.init_k_state, kd.k_step),
+    Sampler("euler_a", "EulerAncestralDiscreteScheduler", kd.euler_a_plan, kd.init_k_state,
+            kd.k_step, stochastic=True),
+    Sampler("heun", "HeunDiscreteScheduler", kd.heun_plan, kd.init_k_state, kd.k_step),
+    Sampler("dpm2", "KDPM2DiscreteScheduler", kd.dpm2_plan, kd.init_k_state, kd.k_step),
+    Sampler("dpm2_a", "KDPM2AncestralDiscreteScheduler", kd.dpm2_a_plan, kd.init_k_state,
+            kd.k_step, stochastic=True),
+    Sampler("dpmpp_2m", "DPMSolverMultistepScheduler", dpm.dpmpp_2m_plan,
+            dpm.init_multistep_state, dpm.dpm_multistep_step),
+    Sampler("dpmpp_2m_sde", 'DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")',
+            dpm.dpmpp_2m_sde_plan, dpm.init_multistep_state, dpm.dpm_multistep_step,
+            stochastic=True),
+    Sampler("dpmpp_2s", "DPMSolverSinglestepScheduler", dpm.dpmpp_2s_plan,
+            dpm.init_multistep_state, dpm.dpm_singlestep_step),
+    Sampler("dpmpp_sde", "DPMSolverSDEScheduler", dpm.dpmpp_sde_plan, kd.init_k_state,
+            dpm.dpmpp_sde_step, stochastic=True),
+    Sampler("unipc", "UniPCMultistepScheduler", ud.unipc_plan, ud.init_unipc_state, ud.unipc_step),
+    Sampler("deis", "DEISMultistepScheduler", ud.deis_plan, ud.init_deis_state, ud.deis_step),
+]}
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler={name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+# The diffusers scheduler class a checkpoint's scheduler_config.json names -> the jaxsd sampler
+# that reproduces it (DPMSolverMultistep depends on its algorithm_type).
+SAMPLER_OF_SCHEDULER = {
+    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm",
+    "LMSDiscreteScheduler": "lms", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
+    "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m", "DPMSolverSinglestepScheduler": "dpmpp_2s",
+    "DPMSolverSDEScheduler": "dpmpp_sde", "UniPCMultistepScheduler": "unipc",
+    "DEISMultistepScheduler": "deis",
+}
+
+
+def default_sampler(scheduler_config: dict) -> str:
+    """The jaxsd sampler that reproduces the checkpoint's own diffusers scheduler."""
+    name = scheduler_config.get("_class_name")
+    if name == "DPMSolverMultistepScheduler" and \
+            scheduler_config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++":
+        return "dpmpp_2m_sde"
+    if name not in SAMPLER_OF_SCHEDULER:
+        raise ValueError(f"the checkpoint's scheduler _class_name={name!r} has no jaxsd sampler; "
+                         f"known: {sorted(SAMPLER_OF_SCHEDULER)}. Pass scheduler=... explicitly")
+    return SAMPLER_OF_SCHEDULER[name]
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(sampler: str, num_steps: int, schedule: ScheduleConfig) -> Plan:
+    """The sampler's per-evaluation constants for this schedule (host, NumPy; cached)."""
+    s = get_sampler(sampler)
+    T = schedule.num_train_timesteps
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps={num_steps!r} must be an integer in [1, {T}] "
+                         "(the schedule's num_train_timesteps)")
+    return s.plan(schedule, int(num_steps))
+
+
+def step_noise(key: jax.Array, i, shape) -> jax.Array:
+    """The Gaussian noise a stochastic sampler uses at evaluation i (float32)."""
+    return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+
+
+def add_noise(plan: Plan, init_latents: jax.Array, noise: jax.Array, first_step) -> jax.Array:
+    """img2img: noise `init_latents` to the level of evaluation `first_step` (traced is fine),
+    as diffusers' scheduler.add_noise does at the first kept timestep."""
+    a = jnp.asarray(plan.noise_a)[first_step]
+    b = jnp.asarray(plan.noise_b)[first_step]
+    return a * init_latents.astype(jnp.float32) + b * noise.astype(jnp.float32)
+
+
+def first_step_for_strength(plan: Plan, num_steps: int, strength) -> Any:
+    """diffusers' img2img get_timesteps: skip t_start * scheduler.order evaluations.
+
+    A Python float gives exactly diffusers' integer (prefer this: pass the result to `sample` as
+    a traced int). A traced strength is evaluated in float32 and can differ from diffusers'
+    float64 `int(num_steps * strength)` by one step (8 of 10,100 (N, strength) pairs, e.g.
+    N = 50, strength = 0.58: diffusers 28, float32 29)."""
+    if isinstance(strength, (int, float)):
+        init_timestep = min(int(num_steps * strength), num_steps)
+        return max(num_steps - init_timestep, 0) * plan.order
+    init_timestep = jnp.minimum(jnp.floor(num_steps * strength), num_steps).astype(jnp.int32)
+    return jnp.maximum(num_steps - init_timestep, 0) * plan.order
+
+
+class Sampled(NamedTuple):
+    latents: jax.Array  # [B, H, W, C] float32, the final sample
+    trajectory: jax.Array | None  # [E, B, H, W, C] latents after every evaluation, if asked
+
+
+def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: int,
+           schedule: ScheduleConfig, key: jax.Array | None = None, model_args: tuple = (),
+           eta=0.0, init_latents: jax.Array | None = None, first_step=0,
+           return_trajectory: bool = False, progress=None, after_step: Callable | None = None,
+           after_step_args: tuple = ()) -> Sampled:
+    """Runs a whole diffusers-equivalent sampling loop as one jitted lax.scan.
+
+    :param model_fn: `model_fn(x, t, *model_args) -> model output` shaped like x (any dtype; the
+        sampler casts it to float32). Static: pass the same function object to reuse the
+        compiled program; put traced values in `model_args`, not in a fresh closure.
+    :param latents: [B, H, W, C] unit Gaussian noise (diffusers' `latents` before it is scaled by
+        `init_noise_sigma`); for img2img, the noise that `add_noise` mixes into `init_latents`.
+    :param sampler: a name in `SAMPLERS`.
+    :param num_steps: the number of inference steps N (evaluations: N, 2N - 1 or N + 1).
+    :param schedule: the checkpoint's `ScheduleConfig`.
+    :param key: PRNG key for the stochastic samplers (evaluation i uses `step_noise(key, i, ...)`).
+    :param eta: DDIM's eta (traced; other samplers ignore it).
+    :param init_latents: img2img: the encoded image latents; `first_step` evaluations are skipped.
+    :param first_step: evaluations to skip (traced); see `first_step_for_strength`.
+    :param return_trajectory: also return the latents after every evaluation.
+    :param after_step: `after_step(x, i, *after_step_args) -> x`, applied to the latents after
+        evaluation i (static, like model_fn). Inpainting with an ordinary 4-channel UNet uses it
+        to paste the re-noised known region back after every step, as diffusers does.
+    :param progress: None, or an object with `.update(n)` (e.g. a tqdm bar) that is advanced from
+        inside the scan by an ordered host callback.
+    """
+    s = get_sampler(sampler)
+    plan = make_plan(sampler, num_steps, schedule)
+    if key is None:
+        key = jax.random.key(0)
+    arrays = dict(timesteps=plan.timesteps, c_in=plan.c_in, consts=plan.consts,
+                  noise_a=plan.noise_a, noise_b=plan.noise_b,
+                  init_noise_sigma=np.float32(plan.init_noise_sigma))
+    if progress is None:
+        return _sample_jit(model_fn, tuple(model_args), latents, init_latents, arrays, key,
+                           jnp.float32(eta), first_step, sampler=s.name,
+                           return_trajectory=return_trajectory, progress=False,
+                           after_step=after_step, after_step_args=tuple(after_step_args))
+    _PROGRESS.append(progress)
+    try:
+        out = _sample_jit(model_fn, tuple(model_args), latents, init_latents, arrays, key,
+                          jnp.float32(eta), first_step, sampler=s.name,
+                          return_trajectory=return_trajectory, progress=True,
+                          after_step=after_step, after_step_args=tuple(after_step_args))
+        jax.block_until_ready(out)
+        jax.effects_barrier()
+    finally:
+        _PROGRESS.pop()
+    return out
+
+
+_PROGRESS: list = []  # progress bars of the sample() calls now running, innermost last
+
+
+def _tick(i):
+    if _PROGRESS:
+        _PROGRESS[-1].update(1)
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "sampler", "return_trajectory",
+                                             "progress", "after_step"))
+def _sample_jit(model_fn, model_args, latents, init_latents, arrays, key, eta, first_step, *,
+                sampler, return_trajectory, progress, after_step=None, after_step_args=()):
+    s = SAMPLERS[sampler]
+    latents = latents.astype(jnp.float32)
+    if init_latents is None:
+        x = latents * arrays["init_noise_sigma"]
+    else:
+        x = (arrays["noise_a"][first_step] * init_latents.astype(jnp.float32)
+             + arrays["noise_b"][first_step] * latents)
+    E = arrays["timesteps"].shape[0]
+
+    def evaluate(state, i, t, c_in, c):
+        # Scheduler arithmetic stays float32 whatever the model's dtype (diffusers PR #4254).
+        out = model_fn(c_in * state.x, t, *model_args).astype(jnp.float32)
+        noise = step_noise(key, i, state.x.shape) if s.stochastic else None
+        state = s.step(state, out, dict(c, eta=eta), noise)
+        if after_step is not None:
+            state = state.replace(x=after_step(state.x, i, *after_step_args))
+        return state
+
+    def body(state, xs):
+        i, t, c_in, c = xs
+        # img2img skips the first evaluations; lax.cond runs only the taken branch.
+        state = jax.lax.cond(i >= first_step, lambda st: evaluate(st, i, t, c_in, c),
+                             lambda st: st, state)
+        if progress:
+            jax.debug.callback(_tick, i, ordered=True)
+        return state, (state.x if return_trajectory else None)
+
+    xs = (jnp.arange(E), arrays["timesteps"], arrays["c_in"], arrays["consts"])
+    state, trajectory = jax.lax.scan(body, s.init(x), xs)
+    return Sampled(latents=state.x, trajectory=trajectory)

@@ -1,0 +1,268 @@
+"""Noise schedules: betas, alphas_cumprod, timestep spacing and sigmas, in NumPy float64.
+
+Everything here runs once on the host, outside `jit`, before sampling starts; the samplers in
+`jaxsd/sampling/` turn these arrays into per-step constants (cast to float32 at the end).
+
+The semantics are those of diffusers' schedulers (v0.42), which read the checkpoint's
+`scheduler_config.json` through `SchedulerClass.from_config(config)`: a key absent from the config
+takes the *target* scheduler's default, which for some keys differs between schedulers
+(`timestep_spacing` is "leading" for DDIM/DDPM/PNDM and "linspace" for the rest). Those keys are
+`None` here and each sampler fills in its diffusers default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """A checkpoint's scheduler config. Defaults are diffusers' (DDPM paper: linear 1e-4..0.02)."""
+
+    num_train_timesteps: int = 1000  # T, the number of diffusion steps the UNet was trained on
+    beta_start: float = 0.0001  # beta_1; SD uses 0.00085
+    beta_end: float = 0.02  # beta_T; SD uses 0.012
+    beta_schedule: str = "linear"  # SD: "scaled_linear" (linear in sqrt(beta))
+    trained_betas: tuple[float, ...] | None = None  # explicit betas; overrides beta_schedule
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2023, "Common diffusion noise schedules..." Alg. 1
+    prediction_type: str = "epsilon"  # what the UNet predicts: epsilon, v_prediction (SD 2.x 768), sample
+    timestep_spacing: str | None = None  # None: the sampler's diffusers default (leading or linspace)
+    steps_offset: int = 0  # added to "leading" timesteps; SD sets 1
+    clip_sample: bool | None = None  # clamp x0 (DDIM/DDPM default True, Heun False); SD sets False
+    clip_sample_range: float = 1.0  # the clamp's bound
+    set_alpha_to_one: bool | None = None  # DDIM/PNDM final alpha: 1, or alphas_cumprod[0]; SD sets False
+    skip_prk_steps: bool | None = None  # PNDM: start with PLMS, no Runge-Kutta warmup; SD sets True
+    variance_type: str | None = None  # DDPM posterior variance; default "fixed_small"
+    use_karras_sigmas: bool = False  # Karras et al. 2022 eq. 5 sigmas (rho = 7)
+    use_exponential_sigmas: bool = False  # sigmas uniform in log sigma
+    use_beta_sigmas: bool = False  # Lee et al. 2024 beta(0.6, 0.6) sigmas
+    sigma_min: float | None = None  # Euler/UniPC: lower end of Karras/exponential/beta sigmas
+    sigma_max: float | None = None  # Euler/UniPC: upper end
+    final_sigmas_type: str | None = None  # last sigma: "zero" (default) or "sigma_min"
+    interpolation_type: str = "linear"  # Euler: sigmas at timesteps by "linear" interp or "log_linear"
+    timestep_type: str = "discrete"  # Euler: "continuous" (0.25 log sigma) is not supported
+    lower_order_final: bool | None = None  # multistep solvers: first order near the end (< 15 steps)
+    euler_at_final: bool = False  # DPM-Solver multistep: always first order at the last step
+    lambda_min_clipped: float = -math.inf  # DPM-Solver: clip the smallest log-SNR
+    use_lu_lambdas: bool = False  # DPM-Solver multistep: Lu et al. 2022 uniform-lambda steps
+    solver_type: str | None = None  # UniPC "bh1"/"bh2" (default bh2); DPM-Solver "midpoint" only
+    disable_corrector: tuple[int, ...] = ()  # UniPC: step indices that skip the corrector
+    thresholding: bool = False  # Imagen dynamic thresholding: not supported, raises
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ScheduleConfig":
+        """Reads a diffusers scheduler config dict with the semantics of `from_config`."""
+        config = dict(config)
+        # diffusers records which keys were filled with the old class's defaults and does not
+        # carry them over to another scheduler class.
+        for key in config.pop("_use_default_values", None) or ():
+            config.pop(key, None)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in config.items():
+            if key in fields:
+                if isinstance(value, list):
+                    value = tuple(value)
+                kwargs[key] = value
+            elif key.startswith("_"):
+                continue  # bookkeeping: _class_name, _diffusers_version
+            elif key in _HARMLESS_AT_DEFAULT:
+                if value != _HARMLESS_AT_DEFAULT[key] and not (
+                    isinstance(value, float) and math.isnan(value)):
+                    raise ValueError(
+                        f"scheduler config key {key}={value!r} is not supported by jaxsd "
+                        f"(only {key}={_HARMLESS_AT_DEFAULT[key]!r})")
+            else:
+                raise ValueError(
+                    f"unknown scheduler config key {key!r} (value {value!r}); known keys: "
+                    f"{sorted(fields | set(_HARMLESS_AT_DEFAULT))}")
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str) -> "ScheduleConfig":
+        """Reads a checkpoint's `scheduler/scheduler_config.json`."""
+        with open(path) as f:
+            return cls.from_config(json.load(f))
+
+    def validate(self) -> None:
+        """Checks the values that every sampler uses; samplers check their own options."""
+        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if self.timestep_spacing is not None:
+            _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        if sum([self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas]) > 1:
+            raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, "
+                             "use_beta_sigmas may be True")
+        if self.thresholding:
+            raise ValueError("thresholding=True (Imagen dynamic thresholding) is not supported "
+                             "by jaxsd; use thresholding=False")
+
+
+# Keys that other diffusers schedulers write into their configs. They change nothing while they
+# hold these values; any other value asks for a feature jaxsd does not have, so it raises.
+_HARMLESS_AT_DEFAULT = {
+    "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "predict_x0": True,
+    "solver_p": None, "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
+    "time_shift_type": "exponential", "shift_terminal": None, "noise_sampler_seed": None,
+    "solver_order": 2, "algorithm_type": "dpmsolver++",
+}
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+
+
+# --- betas and alphas --------------------------------------------------------------------------
+
+
+def betas(cfg: ScheduleConfig) -> np.ndarray:
+    """beta_t for t = 0..T-1, float64 [T] (Ho et al. 2020 sec. 4; Nichol & Dhariwal 2021 eq. 17)."""
+    T = cfg.num_train_timesteps
+    if cfg.trained_betas is not None:
+        b = np.asarray(cfg.trained_betas, np.float64)
+    elif cfg.beta_schedule == "linear":
+        b = np.linspace(cfg.beta_start, cfg.beta_end, T, dtype=np.float64)
+    elif cfg.beta_schedule == "scaled_linear":
+        # Stable Diffusion: linear in sqrt(beta), then squared.
+        b = np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T, dtype=np.float64) ** 2
+    else:  # squaredcos_cap_v2
+        # Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008,
+        # beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999).
+        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        b = np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)])
+    if cfg.rescale_betas_zero_snr:
+        b = rescale_zero_terminal_snr(b)
+    return b
+
+
+def rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023 Alg. 1: shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0."""
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - b))
+    sqrt_ab_0, sqrt_ab_T = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - sqrt_ab_T) * sqrt_ab_0 / (sqrt_ab_0 - sqrt_ab_T)
+    ab = sqrt_ab**2
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
+def alphas_cumprod(cfg: ScheduleConfig) -> np.ndarray:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), float64 [T]."""
+    return np.cumprod(1.0 - betas(cfg))
+
+
+def train_sigmas(cfg: ScheduleConfig) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the noise level of x_t / sqrt(alpha_bar_t).
+
+    With zero terminal SNR alpha_bar_T = 0 and sigma_T = inf; diffusers' sigma-based schedulers
+    replace alpha_bar_T by 2**-24 (a float32 epsilon), and so do we.
+    """
+    ab = alphas_cumprod(cfg)
+    if cfg.rescale_betas_zero_snr:
+        ab = ab.copy()
+        ab[-1] = 2.0**-24
+    return np.sqrt((1 - ab) / ab)
+
+
+# --- timesteps ---------------------------------------------------------------------------------
+
+
+def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset: int = 0,
+                     *, integer: bool = True) -> np.ndarray:
+    """The N timesteps the sampler visits, descending (Lin et al. 2023 Table 2 for the spacings).
+
+    leading:  t_i = i * (T // N) + steps_offset      (SD 1.x/2.x: T=1000, offset 1 -> 981, ..., 1)
+    trailing: t_i = round(T - i * T / N) - 1         (always starts at T - 1)
+    linspace: t_i = linspace(0, T - 1, N)             (fractional unless `integer`)
+    """
+    if spacing == "linspace":
+        t = np.linspace(0, num_train - 1, num_steps)[::-1]
+        return t.round().astype(np.int64) if integer else t.astype(np.float32).astype(np.float64)
+    if spacing == "leading":
+        t = (np.arange(num_steps) * (num_train // num_steps))[::-1] + steps_offset
+    elif spacing == "trailing":
+        t = np.round(np.arange(num_train, 0, -num_train / num_steps)) - 1
+    else:
+        _check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    return t.astype(np.int64) if integer else t.astype(np.float64)
+
+
+def interp_sigmas(timesteps: np.ndarray, sigmas_train: np.ndarray) -> np.ndarray:
+    """sigma at (possibly fractional) timesteps, linear interpolation between training sigmas."""
+    return np.interp(timesteps, np.arange(len(sigmas_train)), sigmas_train)
+
+
+def sigma_to_t(sigma: np.ndarray, sigmas_train: np.ndarray) -> np.ndarray:
+    """The fractional timestep whose sigma is `sigma`, by linear interpolation in log sigma.
+
+    This is how Karras-style schedules tell the UNet (trained on integer t) where it is; the same
+    as diffusers' `_sigma_to_t` and k-diffusion's `DiscreteSchedule.sigma_to_t`.
+    """
+    log_sigmas = np.log(sigmas_train)
+    log_sigma = np.log(np.maximum(np.asarray(sigma, np.float64), 1e-10))
+    dists = log_sigma[None] - log_sigmas[:, None]  # [T, N]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+# --- sigma schedules ---------------------------------------------------------------------------
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 eq. 5: sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
+    ramp = np.linspace(0, 1, n)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """sigmas evenly spaced in log sigma."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """Lee et al. 2024 ("Beta sampling is all you need"): sigmas at Beta(a, b) quantiles."""
+    import scipy.stats
+
+    ppf = scipy.stats.beta.ppf(1 - np.linspace(0, 1, n), a, b)
+    return sigma_min + ppf * (sigma_max - sigma_min)
+
+
+def convert_sigmas(cfg: ScheduleConfig, sigmas: np.ndarray, n: int, *,
+                   config_range: bool = False) -> np.ndarray | None:
+    """Karras / exponential / beta sigmas spanning `sigmas` (descending), or None if none is asked.
+
+    `config_range`: the sampler reads sigma_min/sigma_max from the config (Euler, UniPC in diffusers).
+    """
+    lo = cfg.sigma_min if config_range and cfg.sigma_min is not None else float(sigmas[-1])
+    hi = cfg.sigma_max if config_range and cfg.sigma_max is not None else float(sigmas[0])
+    if cfg.use_karras_sigmas:
+        return karras_sigmas(lo, hi, n)
+    if cfg.use_exponential_sigmas:
+        return exponential_sigmas(lo, hi, n)
+    if cfg.use_beta_sigmas:
+        return beta_sigmas(lo, hi, n)
+    return None
+
+
+def custom_sigmas(cfg: ScheduleConfig) -> bool:
+    """Whether the config asks for Karras, exponential or beta sigmas."""
+    return cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas
+
+
+# --- SD presets (as in the checkpoints' scheduler_config.json) ---------------------------------
+
+SD1_CONFIG = ScheduleConfig(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+    clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+SD2_V_CONFIG = dataclasses.replace(SD1_CONFIG, prediction_type="v_prediction")
