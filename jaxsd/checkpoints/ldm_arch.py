@@ -94,7 +94,7 @@ def infer_text_encoder_config(shapes: Mapping, open_clip: bool) -> dict:
 
 def infer_unet_config(shapes: Mapping) -> dict:
     """``UNet2DConditionModel`` structure from the UNet's tensors (the arch-dependent fields are
-    added by :func:`read_single_file`)."""
+    added by :func:`infer_arch`)."""
     u = UNET_PREFIX
     n_in = len(_indices(shapes, re.escape(u) + r"input_blocks\.(\d+)\."))
     n_down = len(_indices(shapes, re.escape(u) + r"input_blocks\.(\d+)\.0\.op\.weight$"))

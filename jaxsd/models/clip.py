@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
 Dtype = Any
 
 # hidden_act -> activation. quick_gelu is OpenAI CLIP's sigmoid approximation x * sigmoid(1.702 x);

@@ -210,7 +210,7 @@ class AutoencoderKL(nn.Module):
         """images [B, H, W, in_channels], floats in [-1, 1]; H and W multiples of downsample_factor."""
         cfg = self.config
         _check_input("images", images_BHWC, cfg.in_channels, "in_channels", cfg.downsample_factor,
-                     dtype_hint="Scale uint8 pixels p to p / 127.5 - 1, or use jaxsd.models.vae.image_to_latents")
+                     dtype_hint="Scale uint8 pixels p to p / 127.5 - 1, or use jaxsd.image_to_latents")
         moments = self.encoder(images_BHWC.astype(self.dtype))
         if cfg.use_quant_conv:
             moments = self.quant_conv(moments)
