@@ -120,7 +120,7 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(cycles)
 
 
-def test_the_rules_catch_a_wrong_import(tmp_path):
+def test_the_rules_catch_a_wrong_import():
     """The checker itself: a models/ module importing checkpoints/ is reported."""
     bad = PACKAGE / "models" / "_layout_probe.py"
     assert not bad.exists()
