@@ -145,7 +145,7 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
     """
     compiled = table.compiled()
     ignored = [(_template_regex(t, "."), reason) for t, reason in table.ignore]
-    params, seen, unexpected, mismatched, ambiguous, duplicated = {}, {}, [], [], [], []
+    params, seen, unexpected, mismatched, ambiguous, duplicated, not_float, not_finite = {}, {}, [], [], [], [], [], []
     for key in state_dict:
         bare = key[len(table.prefix):] if table.prefix and key.startswith(table.prefix) else key
         hits = _match(compiled, bare, 0)
@@ -165,6 +165,12 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
             continue
         seen[path] = key
         array = layout.to_ours(state_dict[key])
+        if not is_floating(array.dtype):
+            not_float.append(f"{key} -> {path}: stored as {array.dtype}")
+            continue
+        if not np.isfinite(array).all():  # NaN or inf weights draw black images, far from here
+            not_finite.append(f"{key} -> {path}: {int((~np.isfinite(array)).sum())} of {array.size} values")
+            continue
         if tuple(array.shape) != tuple(shapes[path]):
             mismatched.append(f"{key} -> {path}: checkpoint {tuple(array.shape)} "
                               f"({layout.name} layout), model {tuple(shapes[path])}")
@@ -177,6 +183,8 @@ def convert(state_dict: Mapping[str, np.ndarray], table: Table, shapes: Mapping[
     for title, items in (("missing (the model needs them, the checkpoint lacks them)", missing),
                          ("unexpected (in the checkpoint, unknown to the model)", unexpected),
                          ("with the wrong shape", mismatched),
+                         ("not stored as floating point (weights must be F32, F16, BF16 or F8)", not_float),
+                         ("holding NaN or infinite values (a damaged file)", not_finite),
                          ("for a parameter another key already gave (e.g. an old and a new name)", duplicated),
                          ("matched by several table rows (a bug in jaxsd's table)", ambiguous)):
         if items:

@@ -11,10 +11,16 @@ weights in one of these layouts (diffusers' and transformers' own names):
 
 (``model`` is ``diffusion_pytorch_model`` in diffusers folders.)
 
-The safetensors format is simple enough to read directly: an 8-byte little-endian header size,
-a JSON header ``{name: {dtype, shape, data_offsets}}``, then the raw bytes. We memory-map the
-file and hand out one tensor at a time, so converting a model never holds more than the
-converted parameters plus one tensor in memory.
+The safetensors format is an 8-byte little-endian header size, a JSON header
+``{name: {dtype, shape, data_offsets}}``, then the raw bytes. Before reading a byte of data we
+have the ``safetensors`` library's own parser check the file (header size within the file, valid
+JSON of the right types, every dtype x shape equal to its byte range, the ranges contiguous,
+non-overlapping and covering the data exactly), and we refuse duplicate names in the header, which
+it lets through. Files that are not safetensors at all (a Git LFS pointer, an HTML page, a zip or
+pickle under a ``.safetensors`` name: the usual broken downloads) are named before parsing. Then
+we memory-map the file and hand out one tensor at a time (the library's NumPy reader cannot
+return bfloat16 or float8), so converting a model never holds more than the converted parameters
+plus one tensor in memory.
 """
 from __future__ import annotations
 
@@ -66,23 +72,71 @@ def read_config(folder: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+# The first bytes of the files most often found where a .safetensors file should be.
+_NOT_SAFETENSORS = (
+    (b"version https://git-lfs", "a Git LFS pointer (a small text file standing in for the weights), "
+     "not the weights: run `git lfs pull` in the repository it came from, or download the file "
+     "with huggingface_hub"),
+    (b"<", "an HTML or XML page, not weights: the download saved an error or login page; "
+     "download the file again (a gated Hub model needs `huggingface-cli login`)"),
+    (b"PK\x03\x04", "a zip archive (PyTorch's torch.save format), not safetensors: if it is a "
+     "PyTorch checkpoint, give it its real suffix (.ckpt, .pt or .bin) and pass allow_pickle=True "
+     "if you trust it"),
+    (b"\x80", "a Python pickle (an old PyTorch checkpoint), not safetensors: give it its real suffix "
+     "(.ckpt, .pt or .bin) and pass allow_pickle=True if you trust it"),
+)
+
+
+def _reject_duplicates(pairs):
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise CheckpointError(f"the header names {repeated} more than once")
+    return dict(pairs)
+
+
 class SafetensorsFile(Mapping):
-    """One ``.safetensors`` file as a read-only mapping ``name -> np.ndarray`` (memory-mapped)."""
+    """One ``.safetensors`` file as a read-only mapping ``name -> np.ndarray`` (memory-mapped).
+
+    Opening it validates the whole header (module docstring); a file that fails raises
+    :class:`CheckpointError` naming the file and the reason.
+    """
 
     def __init__(self, path: str | os.PathLike):
+        import safetensors
+
         self.path = Path(path)
+        try:
+            with safetensors.safe_open(self.path, framework="numpy"):
+                pass
+        except Exception as error:  # the library raises SafetensorError, or OSError
+            # Only now look at the first bytes: a valid file starts with its header size, whose
+            # low byte can be anything ("<" is a header of 60 + 256 k bytes).
+            with open(self.path, "rb") as f:
+                start = f.read(64).lstrip()
+            for magic, what in _NOT_SAFETENSORS:
+                if start.startswith(magic):
+                    raise CheckpointError(f"{self.path} is {what}") from None
+            raise CheckpointError(f"{self.path} is not a valid .safetensors file ({error}); "
+                                  f"it is damaged or incomplete: download it again") from None
         with open(self.path, "rb") as f:
             (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
+            try:
+                header = json.loads(f.read(header_size), object_pairs_hook=_reject_duplicates)
+            except CheckpointError as error:
+                raise CheckpointError(f"{self.path}: {error}; which one to use is ambiguous: "
+                                      f"the file is damaged") from None
         self.metadata = header.pop("__metadata__", None) or {}
+        unknown = sorted({info["dtype"] for info in header.values()} - set(_DTYPES))
+        if unknown:
+            raise CheckpointError(f"{self.path} stores tensors as {unknown}, which jaxsd cannot read; "
+                                  f"known: {sorted(_DTYPES)}")
         self._header = header
         self._data_start = 8 + header_size
         self._mmap = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         info = self._header[name]
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = info["data_offsets"]
