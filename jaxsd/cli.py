@@ -7,11 +7,17 @@ Images are written as PNGs that carry their generation parameters in a text chun
     Negative prompt: blurry
     Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15
 
-Existing files are never overwritten: each image gets the next free number in the folder.
+Existing files are never overwritten: each image gets the next free number in the folder. In a
+batch, image i is drawn with seed + i (as AUTOMATIC1111 does), and that is the seed it records.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import io
+import json
+import math
+import os
 import re
 import secrets
 import sys
@@ -45,16 +51,24 @@ def save_png(image, folder: Path, seed: int, parameters: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
-    n = max(numbers, default=-1) + 1
-    while True:
-        path = folder / f"{n:05d}-{seed}.png"
-        try:
-            with open(path, "xb") as f:  # exclusive: fails if the file exists
-                Image.fromarray(image).save(f, format="PNG", pnginfo=info)
-            return path
-        except FileExistsError:
-            n += 1
+    # Encoded to memory, then written to a hidden temporary name and linked to the final one:
+    # a full disk or an interrupt leaves no truncated PNG, and os.link fails if the name exists.
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
+    tmp = folder / f".{os.getpid()}-{seed}.png.tmp"
+    try:
+        tmp.write_bytes(encoded.getvalue())
+        numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+        n = max(numbers, default=-1) + 1
+        while True:
+            path = folder / f"{n:05d}-{seed}.png"
+            try:
+                os.link(tmp, path)  # atomic; never overwrites
+                return path
+            except FileExistsError:
+                n += 1
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -71,19 +85,90 @@ def _load(args):
     return StableDiffusion.from_pretrained(args.model, getattr(jnp, args.dtype))
 
 
+def check_generation_args(args) -> None:
+    """Everything about a generate/img2img/inpaint command that can be checked without the model,
+    checked before loading it (10-25 s for a real checkpoint), so that a typo costs nothing."""
+    from jaxsd import sampling
+
+    if args.scheduler is not None and args.scheduler not in sampling.SAMPLERS:
+        close = difflib.get_close_matches(args.scheduler, list(sampling.SAMPLERS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"--scheduler {args.scheduler!r} is not a sampler; {hint}"
+                         f"choose one of {sorted(sampling.SAMPLERS)}")
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance {args.guidance}: must be a finite number (1 = no guidance)")
+    if args.seed is not None and not -1 <= args.seed < 2**64:
+        raise ValueError(f"--seed {args.seed}: must be in [0, 2**64 - 1], or -1 for a random seed")
+    if args.seed is not None and args.seed + args.batch > 2**64:
+        raise ValueError(f"--seed {args.seed} --batch {args.batch}: image i gets seed + i, which must "
+                         f"stay below 2**64")
+    strength = getattr(args, "strength", None)
+    if strength is not None and not 0 < strength <= 1:
+        raise ValueError(f"--strength {strength}: must be in (0, 1]")
+    if args.size is not None:
+        _check_size_before_loading(args.size, args.model)
+    for name in ("image", "mask"):
+        path = getattr(args, name, None)
+        if path is not None:
+            _open_image(path)
+    _check_output_folder(Path(args.out))
+
+
+def _check_size_before_loading(size: tuple[int, int], model: str) -> None:
+    """--size against the model's whole size rule, read from its configs when it is a built-in
+    model or a local folder (a Hub id or a single file is checked once loaded)."""
+    from jaxsd.checkpoints.sources import BUILTIN_MODELS
+    from jaxsd.pipelines.stable_diffusion import MAX_SIDE
+
+    folder = BUILTIN_MODELS.get(model) or Path(model).expanduser()
+    try:
+        levels = {part: len(json.loads((folder / part / "config.json").read_text())["block_out_channels"])
+                  for part in ("vae", "unet")}
+    except (OSError, ValueError, KeyError, TypeError):
+        levels = None
+    f, halvings = (2 ** (levels["vae"] - 1), levels["unet"] - 1) if levels else (1, 0)
+    m = f * 2 ** halvings
+    width, height = size
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % m or value > MAX_SIDE:
+            rule = (f"a multiple of {m} for this model (the VAE turns {f} x {f} pixels into one latent "
+                    f"and the UNet halves the latent side {halvings} times)" if levels else "positive")
+            raise ValueError(f"--size {width}x{height}: the {name} must be {rule}, at most {MAX_SIDE}; "
+                             f"e.g. {min(max(m, value // m * m), MAX_SIDE // m * m)}")
+
+
+def _check_output_folder(folder: Path) -> None:
+    """--out exists as a folder, or can be made, and a file can be written there."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {str(folder)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".{os.getpid()}.write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {str(folder)!r}: cannot write there ({error.strerror or error})") from None
+
+
 def _generate(args) -> int:
+    """One pipeline call per image, image i with seed + i (AUTOMATIC1111's rule), so that the
+    Seed written into every PNG regenerates that image alone; each PNG is written as soon as it
+    is drawn. The calls share one compiled program (same shapes)."""
     from jaxsd.pipelines import images as imgs
 
+    check_generation_args(args)
     pipe = _load(args)
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    seed = args.seed if args.seed not in (None, -1) else secrets.randbelow(2**31)
     sampler = args.scheduler or pipe.scheduler
     common = dict(negative_prompt=args.negative, num_steps=args.steps, guidance_scale=args.guidance,
-                  scheduler=sampler, karras=args.karras, seed=seed, batch_size=args.batch,
-                  progress=True)
+                  scheduler=sampler, karras=args.karras, progress=True)
     extra = {}
     if args.command == "generate":
         width, height = args.size or (pipe.default_size, pipe.default_size)
-        out = pipe.text_to_image(args.prompt, height=height, width=width, **common)
+        draw = lambda s: pipe.text_to_image(args.prompt, height=height, width=width, seed=s, **common)
     else:
         image = _open_image(args.image)
         if args.size:
@@ -92,24 +177,34 @@ def _generate(args) -> int:
             height, width = imgs.default_size(image, pipe.vae_factor)
         extra["Denoising strength"] = args.strength
         if args.command == "img2img":
-            out = pipe.image_to_image(image, args.prompt, strength=args.strength, height=height,
-                                      width=width, **common)
+            draw = lambda s: pipe.image_to_image(image, args.prompt, strength=args.strength, height=height,
+                                                 width=width, seed=s, **common)
         else:
-            out = pipe.inpaint(image, _open_image(args.mask), args.prompt, strength=args.strength,
-                               height=height, width=width, **common)
+            mask = _open_image(args.mask)
+            draw = lambda s: pipe.inpaint(image, mask, args.prompt, strength=args.strength, height=height,
+                                          width=width, seed=s, **common)
     model_name = Path(str(args.model).rstrip("/")).name
-    for i, image in enumerate(out):
-        batch = {"Batch size": len(out), "Batch pos": i} if len(out) > 1 else {}
+    for i in range(args.batch):
+        (picture,) = draw(seed + i)
+        batch = {"Batch size": args.batch, "Batch pos": i} if args.batch > 1 else {}
         text = parameters_text(args.prompt, args.negative, steps=args.steps, sampler=sampler,
-                               karras=args.karras, guidance=args.guidance, seed=seed, width=width,
+                               karras=args.karras, guidance=args.guidance, seed=seed + i, width=width,
                                height=height, model=model_name, extra={**extra, **batch})
-        print(f"wrote {save_png(image, Path(args.out), seed, text)}")
+        print(f"wrote {save_png(picture, Path(args.out), seed + i, text)}")
     return 0
 
 
 def _open_image(path):
-    from PIL import Image
-    return Image.open(path)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise ValueError(f"{str(path)!r}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{str(path)!r} is not an image PIL can read ({error})") from None
+    return image
 
 
 def _info(args) -> int:
@@ -175,9 +270,10 @@ def _add_generation_options(p, *, size_help: str):
     p.add_argument("--scheduler", default=None, help="sampler, e.g. euler, dpmpp_2m, ddim "
                    "(default: the checkpoint's own)")
     p.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded in the PNG)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default, or -1: a random one, "
+                   "recorded in the PNG)")
     p.add_argument("--size", type=_parse_size, default=None, help=size_help)
-    p.add_argument("--batch", type=int, default=1, help="images to generate (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="images to generate, image i with seed + i (default 1)")
     p.add_argument("--out", default="outputs", help="folder to write PNGs to (default ./outputs)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     p.set_defaults(run=_generate)
@@ -247,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1.0)")
 
     info = commands.add_parser("info", help="what a checkpoint is")
-    info.add_argument("model", help="a diffusers folder, a Hub id or a single-file checkpoint")
+    info.add_argument("model", nargs="?", default="tiny-shapes", help="a diffusers folder, a Hub "
+                      "id or a single-file checkpoint (default: the built-in tiny-shapes)")
     info.add_argument("--dtype", choices=DTYPES, default="float32")
     info.set_defaults(run=_info)
 
@@ -295,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         # the message says what to do; a traceback would only bury it.
         print(f"jaxsd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: sampling stops within a step; nothing is half-written
+        print(f"\njaxsd {args.command}: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit now, skipping the interpreter's shutdown: after an interrupted run, XLA's thread
+        # pools abort in their destructors ("terminate called without an active exception").
+        os._exit(130)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,117 @@ def test_train_tiny_command_stops_and_resumes(tmp_path, capsys):
     assert train_loop.saved_step(tmp_path, "vae") == 2
     assert main(args) == 0  # resumes where it stopped
     assert train_loop.saved_step(tmp_path, "vae") == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes are answered before the model loads; interrupts and failed writes leave nothing behind.
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scheduler", "eular"], "--scheduler 'eular' is not a sampler; did you mean 'euler'?"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--batch", "0"], "--batch 0: must be at least 1"),
+    (["--guidance", "nan"], "--guidance nan: must be a finite number"),
+    (["--seed", "-2"], "--seed -2: must be in [0, 2**64 - 1], or -1 for a random seed"),
+    (["--seed", str(2**64)], "must be in [0, 2**64 - 1]"),
+    (["--size", "100x64"], "--size 100x64: the width must be a multiple of 16 for this model (the VAE "
+                           "turns 4 x 4 pixels into one latent and the UNet halves the latent side 2 times)"),
+    (["--size", "64x100000"], "--size 64x100000: the height must be a multiple of 16"),
+])
+def test_generate_mistakes_are_reported_before_the_model_loads(monkeypatch, tmp_path, capsys, extra, message):
+    import jaxsd.cli
+
+    monkeypatch.setattr(jaxsd.cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    assert main(["generate", "a red circle", "--out", str(tmp_path)] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxsd generate: error: ") and message in err, err
+
+
+def test_img2img_mistakes_are_reported_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    import jaxsd.cli
+    from PIL import Image
+
+    monkeypatch.setattr(jaxsd.cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    picture, not_a_picture, a_file = tmp_path / "in.png", tmp_path / "notes.png", tmp_path / "afile"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(picture)
+    not_a_picture.write_text("hello")
+    a_file.write_text("")
+    for argv, message in (
+            ([str(tmp_path / "missing.png"), "x"], "missing.png': no such file"),
+            ([str(not_a_picture), "x"], "notes.png' is not an image PIL can read"),
+            ([str(picture), "x", "--strength", "1.5"], "--strength 1.5: must be in (0, 1]"),
+            ([str(picture), "x", "--out", str(a_file)], "afile' is a file, not a folder"),
+            ([str(picture), "x", "--out", str(a_file / "sub")], "cannot write there")):
+        assert main(["img2img"] + argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jaxsd img2img: error: ") and message in err, (argv, err)
+
+
+def test_seed_minus_one_draws_a_random_seed_and_records_it(sd1_folder, tmp_path):
+    from PIL import Image
+
+    assert main(["generate", "a red cube", "--model", sd1_folder, "--steps", "1", "--size", "64x64",
+                 "--seed", "-1", "--out", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("*.png")
+    seed = int(written.stem.split("-", 1)[1])
+    assert seed >= 0 and f"Seed: {seed}," in Image.open(written).text["parameters"]
+
+
+def test_a_failed_write_leaves_no_file(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from jaxsd.cli import save_png
+
+    real = Path.write_bytes
+
+    def disk_full(self, data):
+        real(self, data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_png(np.zeros((8, 8, 3), np.uint8), tmp_path, 1, "params")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_stops_sampling_at_once_and_writes_nothing(tmp_path):
+    """SIGINT while a 1,000-step run samples: exit 130 within seconds, one line, no PNG."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "jaxsd", "generate", "a red circle on blue",
+                             "--steps", "1000", "--batch", "8", "--scheduler", "euler",
+                             "--out", str(tmp_path)], stderr=subprocess.PIPE, text=True,
+                            # a shell's background job starts with SIGINT ignored; a terminal's does not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = ""
+    while "/1000" not in seen:                     # the progress bar has started: sampling runs
+        chunk = proc.stderr.read(1)
+        assert chunk, f"the command ended before sampling: {seen}"
+        seen += chunk
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    rest = proc.communicate(timeout=60)[1]
+    waited = time.monotonic() - start
+    assert proc.returncode == 130, seen + rest
+    assert rest.strip().splitlines()[-1] == "jaxsd generate: interrupted"
+    assert "Traceback" not in rest, rest
+    assert waited < 5, f"took {waited:.1f} s to stop"
+    assert list(tmp_path.glob("*.png")) == []
+
+
+def test_a_batch_gives_each_image_its_own_seed_which_regenerates_it(sd1_folder, tmp_path):
+    from PIL import Image
+
+    common = ["generate", "a red cube", "--model", sd1_folder, "--steps", "2", "--size", "64x64"]
+    assert main(common + ["--seed", "5", "--batch", "2", "--out", str(tmp_path / "batch")]) == 0
+    first, second = sorted((tmp_path / "batch").glob("*.png"))
+    assert (first.name, second.name) == ("00000-5.png", "00001-6.png")
+    assert "Seed: 6," in Image.open(second).text["parameters"]
+    assert "Batch size: 2, Batch pos: 1" in Image.open(second).text["parameters"]
+    assert main(common + ["--seed", "6", "--out", str(tmp_path / "alone")]) == 0
+    (alone,) = (tmp_path / "alone").glob("*.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(alone)), np.asarray(Image.open(second)))

@@ -102,8 +102,14 @@ def test_one_compilation_per_shape_and_sampler(sd1):
 
 def test_bad_inputs_say_what_is_wrong(sd1, caplog):
     kw = dict(num_steps=2, height=SIZE, width=SIZE)
-    with pytest.raises(ValueError, match="height=60 must be a positive multiple of 8"):
+    m = sd1.vae_factor * sd1.latent_multiple
+    with pytest.raises(ValueError, match=f"height=60 must be a positive multiple of {m} for this model"):
         sd1.text_to_image(PROMPT, num_steps=2, height=60, width=SIZE)
+    with pytest.raises(ValueError, match="width=100000 must be .* at most 8192"):  # used to abort
+        sd1.text_to_image(PROMPT, num_steps=2, height=SIZE, width=100_000)
+    for seed in (2**64, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"seed=.* must be .*\[0, 2\*\*64 - 1\]"):
+            sd1.text_to_image(PROMPT, seed=seed, **kw)
     with pytest.raises(ValueError, match="batch_size=3 must be a positive multiple of the number of prompts"):
         sd1.text_to_image(["a", "b"], batch_size=3, **kw)
     with pytest.raises(ValueError, match="negative_prompt has 3 entries but there are 2 prompts"):

@@ -175,3 +175,191 @@ def test_the_usual_broken_downloads_are_named(tmp_path, description):
                 "pickle": "pickle"}[description]
     with pytest.raises(CheckpointError, match=expected):
         SafetensorsFile(path)
+
+
+def test_transformers_torch_notice_is_dropped_and_nothing_else():
+    import logging
+
+    from jaxsd.checkpoints import tokenizer
+
+    tokenizer.load_tokenizer()
+    assert tokenizer._drop_torch_notice in logging.getLogger("transformers").filters
+    record = lambda message: logging.LogRecord("transformers", logging.WARNING, __file__, 1, message, None, None)
+    assert not tokenizer._drop_torch_notice(record(
+        "PyTorch was not found. Models won't be available and only tokenizers, configuration and "
+        "file/data utilities can be used."))
+    assert tokenizer._drop_torch_notice(record("Token indices sequence length is longer than the maximum"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: every value is checked when the folder loads, and the error names the file.
+
+from jaxsd import StableDiffusion  # noqa: E402
+
+FOLDER = BUILTIN_MODELS["tiny-shapes"]
+BAD_VALUES = (0, -1, float("nan"), float("inf"), "abc", None, [], True, 10**12)
+CONFIG_KEYS = {  # component -> the keys whose values change the model or the schedule
+    "text_encoder/config.json": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "max_position_embeddings", "layer_norm_eps",
+                                 "eos_token_id", "hidden_act"),
+    "unet/config.json": ("block_out_channels", "layers_per_block", "attention_head_dim", "cross_attention_dim",
+                         "in_channels", "out_channels", "norm_num_groups", "norm_eps", "sample_size",
+                         "time_embedding_dim", "transformer_layers_per_block"),
+    "vae/config.json": ("block_out_channels", "latent_channels", "norm_num_groups", "scaling_factor",
+                        "layers_per_block", "in_channels"),
+    "scheduler/scheduler_config.json": ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                        "prediction_type", "trained_betas", "steps_offset"),
+}
+
+
+def config_variants(seed: int = 0):
+    """(file, description, edit) with edit(dict) -> dict or a raw string; seeded."""
+    rng = np.random.default_rng(seed)
+    for file, keys in CONFIG_KEYS.items():
+        for key in keys:
+            for value in [BAD_VALUES[i] for i in rng.choice(len(BAD_VALUES), size=3, replace=False)]:
+                yield file, (key, value), lambda c, key=key, value=value: {**c, key: value}
+        yield file, "not JSON", lambda c: json.dumps(c)[:-3]
+        yield file, "a JSON list", lambda c: [c]
+    yield "model_index.json", "an SDXL pipeline", lambda c: {**c, "_class_name": "StableDiffusionXLPipeline"}
+    yield "model_index.json", "unet of another class", lambda c: {**c, "unet": ["diffusers", "UNet2DModel"]}
+    yield "model_index.json", "not JSON", lambda c: "{"
+    yield "scheduler/scheduler_config.json", "trained_betas of length 2", lambda c: {**c, "trained_betas": [0.1, 0.2]}
+
+
+# The few edits that still describe a valid model (the fuzz accepts these loading): no
+# steps_offset, no trained_betas (the beta_schedule then applies), no sample_size (512 px).
+VALID = {("steps_offset", 0), ("trained_betas", None), ("sample_size", None), ("eos_token_id", 0)}
+
+
+@pytest.fixture(scope="module")
+def folder_copy(tmp_path_factory):
+    target = tmp_path_factory.mktemp("fuzz") / "tiny"
+    shutil.copytree(FOLDER, target)
+    return target
+
+
+def test_fuzzed_configs_are_refused_naming_the_file(folder_copy):
+    counts = collections.Counter()
+    for file, description, edit in config_variants():
+        path = folder_copy / file
+        original = path.read_text()
+        edited = edit(json.loads(original))
+        path.write_text(edited if isinstance(edited, str) else json.dumps(edited))
+        label = f"{file}: {description if isinstance(description, str) else '%s=%r' % description}"
+        try:
+            StableDiffusion.from_pretrained(str(folder_copy))
+        except (CheckpointError, ConversionError) as error:
+            component = file.split("/")[0]
+            assert component in str(error), f"{label}: the error does not name {component}: {error}"
+            counts[file, "refused"] += 1
+        else:
+            assert description in VALID, f"{label}: loaded silently"
+            counts[file, "loaded (a valid value)"] += 1
+        finally:
+            path.write_text(original)
+    print()
+    for (file, outcome), n in sorted(counts.items()):
+        print(f"  {file:34s} {outcome:24s} {n}")
+    assert sum(counts.values()) >= 100
+
+
+# ---------------------------------------------------------------------------------------------
+# API arguments: every bad value raises ValueError naming the argument, before any compiling.
+
+NAN, INF = float("nan"), float("inf")
+BAD_ARGUMENTS = {
+    "num_steps": (0, -1, True, 1.5, "3", 10**6, None),
+    "guidance_scale": (NAN, INF, -INF, "7.5", None, [7.5]),
+    "guidance_rescale": (NAN, -0.1, 1.5, "0"),
+    "eta": (NAN, 5.0, -1.0, "1"),
+    "seed": (-1, 2**64, 1.5, True, "0", None),
+    "height": (0, -64, 63, 100_000, 64.0, True),
+    "prompt": (123, None, [], [1, 2], ["ok", None]),
+    "negative_prompt": (5, [3], ["a", "b"]),
+    "batch_size": (0, -1, 1.5, True, 3),
+    "latents": (np.full((1, 16, 16, 4), np.nan, np.float32), np.zeros((1, 8, 8, 4), np.float32)),
+    "scheduler": ("eulr", "", 3),
+}
+
+
+def api_variants():
+    base = dict(prompt="a red circle on a blue background", num_steps=2, seed=0)
+    for name, values in BAD_ARGUMENTS.items():
+        for value in values:
+            kwargs = dict(base, **{name: value})
+            if name == "height":
+                kwargs["width"] = 64
+            if name == "batch_size":
+                kwargs["prompt"] = ["a red circle", "a blue square"]
+            yield name, value, kwargs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return StableDiffusion.from_pretrained("tiny-shapes")
+
+
+def test_fuzzed_api_arguments_are_refused_naming_the_argument(tiny):
+    n = 0
+    for name, value, kwargs in api_variants():
+        label = f"{name}={value!r}"[:80]
+        with pytest.raises(ValueError) as caught:
+            tiny.text_to_image(**kwargs)
+        message = str(caught.value)
+        expected = {"latents": "latents", "scheduler": "sampler"}.get(name, name)
+        assert expected in message, f"{label}: {message}"
+        n += 1
+    bad_images = {"image": (np.full((64, 64, 3), np.nan, np.float32), np.full((64, 64, 3), 2.0, np.float32),
+                            np.full((64, 64, 3), 300, np.int32), "picture.png"),
+                  "strength": (0, 1.5, NAN, "0.5", True)}
+    good = np.zeros((64, 64, 3), np.uint8)
+    for name, values in bad_images.items():
+        for value in values:
+            kwargs = {**dict(image=good, prompt="a red circle", num_steps=2, strength=0.5), name: value}
+            with pytest.raises((ValueError, TypeError)) as caught:
+                tiny.image_to_image(**kwargs)
+            assert name in str(caught.value), f"{name}={value!r}: {caught.value}"
+            n += 1
+    assert n >= 60
+
+
+def test_valid_inputs_that_used_to_be_refused(tiny):
+    """A NumPy float strength and an RGB [H, W, 3] mask array are valid."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    out = tiny.image_to_image(image, "a red circle", strength=np.float32(0.5), num_steps=2, seed=1)
+    assert out.shape == (1, 64, 64, 3)
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[:32] = 255
+    out = tiny.inpaint(image, mask, "a red circle", num_steps=2, seed=1)
+    assert out.shape == (1, 64, 64, 3)
+    gray = tiny.inpaint(image, mask[..., 0], "a red circle", num_steps=2, seed=1)
+    np.testing.assert_array_equal(out, gray)
+
+
+def test_write_single_file_takes_jaxsds_own_per_level_configs(tmp_path):
+    """The shipped folder's configs list per-level counts ([1, 1, 1]); the original layout has one
+    value per model, which equal levels give. Writing it and reading it back loads the same UNet."""
+    from jaxsd.checkpoints.files import read_config, read_state_dict
+    from jaxsd.checkpoints.sources import load_single_file
+    from jaxsd.checkpoints.single_file import write_single_file
+
+    parts = ("unet", "vae", "text_encoder")
+    configs = {p: read_config(FOLDER / p) for p in parts}
+    state_dicts = {p: {k: np.asarray(v) for k, v in read_state_dict(FOLDER / p).items()} for p in parts}
+    path = tmp_path / "tiny.safetensors"
+    write_single_file(path, state_dicts, configs, "sd1")
+    # What the tensors cannot show, from the folder's configs:
+    overrides = {"unet_config": {"attention_head_dim": configs["unet"]["attention_head_dim"],
+                                 "norm_num_groups": configs["unet"]["norm_num_groups"]},
+                 "vae_config": {"norm_num_groups": configs["vae"]["norm_num_groups"]},
+                 "text_encoder_config": {"num_attention_heads": configs["text_encoder"]["num_attention_heads"]}}
+    loaded = load_single_file(path, overrides=overrides)
+    folder = StableDiffusion.from_pretrained("tiny-shapes")
+    import jax
+    for ours, theirs in ((loaded.unet_params, folder.unet_params), (loaded.vae_params, folder.vae_params)):
+        jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+    bad = dict(configs, unet=dict(configs["unet"], transformer_layers_per_block=[1, 2, 1]))
+    with pytest.raises(ValueError, match="one value for every level"):
+        write_single_file(tmp_path / "bad.safetensors", state_dicts, bad, "sd1")

@@ -21,16 +21,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd.checkpoints import convert
-from jaxsd.checkpoints.files import read_config, read_state_dict
+from jaxsd.checkpoints.files import CheckpointError, read_config, read_state_dict
 from jaxsd.models.clip import CLIPTextConfig, CLIPTextModel
 from jaxsd.models.unet import UNet, UNetConfig
 from jaxsd.models.vae import AutoencoderKL, VAEConfig
 
 
+def _config(make, config: dict, what: str):
+    """``make(config)``, with a bad value reported as a CheckpointError naming the component."""
+    try:
+        return make(config)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{what}: its config.json does not describe a model jaxsd can build: "
+                              f"{error}") from None
+
+
 def build_clip_text(config: dict, state: Mapping, dtype=jnp.float32, *, param_dtype=None,
                     what: str = "CLIP text encoder"):
     """A transformers ``CLIPTextModel`` config and state dict -> ``(CLIPTextModel, params)``."""
-    model = CLIPTextModel(CLIPTextConfig.from_dict(config), dtype=dtype)
+    model = CLIPTextModel(_config(CLIPTextConfig.from_dict, config, what), dtype=dtype)
     shapes = convert.expected_shapes(model, np.zeros((1, model.config.max_position_embeddings), np.int32))
     return model, convert.convert(state, convert.CLIP_TEXT, shapes, dtype=param_dtype or dtype, what=what)
 
@@ -38,7 +47,7 @@ def build_clip_text(config: dict, state: Mapping, dtype=jnp.float32, *, param_dt
 def build_unet(config: dict, state: Mapping, dtype=jnp.float32, *, param_dtype=None,
                what: str = "UNet checkpoint"):
     """A diffusers ``UNet2DConditionModel`` config and state dict -> ``(UNet, params)``."""
-    model = UNet(UNetConfig.from_diffusers(config), dtype=dtype)
+    model = UNet(_config(UNetConfig.from_diffusers, config, what), dtype=dtype)
     shapes = convert.expected_shapes(model, *model.example_inputs())
     table = convert.unet_table(model.config)
     return model, convert.convert(state, table, shapes, dtype=param_dtype or dtype, what=what)
@@ -46,7 +55,7 @@ def build_unet(config: dict, state: Mapping, dtype=jnp.float32, *, param_dtype=N
 
 def build_vae(config: dict, state: Mapping, dtype=jnp.float32, *, param_dtype=None, what: str = "VAE"):
     """A diffusers ``AutoencoderKL`` config and state dict -> ``(AutoencoderKL, params)``."""
-    model = AutoencoderKL(VAEConfig.from_dict(config), dtype=dtype)
+    model = AutoencoderKL(_config(VAEConfig.from_dict, config, what), dtype=dtype)
     f = model.config.downsample_factor
     shapes = convert.expected_shapes(model, jnp.zeros((1, f, f, model.config.in_channels), jnp.float32))
     return model, convert.convert(state, convert.VAE, shapes, dtype=param_dtype or dtype, what=what)

@@ -68,8 +68,19 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"{str(folder)!r} has no config.json: expected a diffusers/transformers component folder "
             f"(config.json plus *.safetensors), found {sorted(p.name for p in folder.iterdir())}")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from a file; a syntax error or another type names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of settings")
+    return config
 
 
 # The first bytes of the files most often found where a .safetensors file should be.

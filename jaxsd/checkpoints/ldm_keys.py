@@ -122,15 +122,26 @@ UNET_CONV = (("{p}", "{p}", COPY),)
 # up_blocks.u works at the resolution of level L - 1 - u (diffusers counts up blocks from the bottom).
 
 
+def _one_int(config: dict, name: str, default: int) -> int:
+    """A per-model count that diffusers may write per level ([1, 1, 1]): the original format has
+    one value for the whole UNet, so the levels must agree."""
+    value = config.get(name, default)
+    if isinstance(value, (list, tuple)) and value and len(set(value)) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r}: the original single-file layout has one value for every "
+                         f"level; per-level values that differ cannot be written")
+    return value
+
+
 def unet_key_map(config: dict) -> dict:
     """``{ldm key: (diffusers keys, transform)}`` for a ``UNet2DConditionModel`` config (SD 1.x/2.x)."""
-    chans, R = list(config["block_out_channels"]), config["layers_per_block"]
+    chans = list(config["block_out_channels"])
     L = len(chans)
+    R = _one_int(config, "layers_per_block", 2)
     down_attn = [t.startswith("CrossAttn") for t in config["down_block_types"]]
     up_attn = [t.startswith("CrossAttn") for t in config["up_block_types"]]
-    depth = config.get("transformer_layers_per_block", 1)
-    if not isinstance(depth, int):
-        raise ValueError(f"transformer_layers_per_block={depth!r}: SD 1.x/2.x use one int (1)")
+    depth = _one_int(config, "transformer_layers_per_block", 1)
     ranges = dict(t=range(depth), n=(1, 2, 3), a=(1, 2))
     keys = expand(UNET_TOP, UNET_PREFIX, "")
 

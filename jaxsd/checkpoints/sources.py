@@ -13,7 +13,6 @@ and the scheduler config whose ``_class_name`` picks the default sampler.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxsd.checkpoints.components import (build_clip_text, build_unet, build_vae, load_clip_text, load_unet,
                                           load_vae)
-from jaxsd.checkpoints.files import CheckpointError
+from jaxsd.checkpoints.files import CheckpointError, read_json
 from jaxsd.checkpoints.single_file import read_single_file
 from jaxsd.checkpoints.tokenizer import BUILTIN_VOCABULARY, load_tokenizer
 
@@ -78,11 +77,19 @@ def check_folder(folder: str | os.PathLike) -> dict:
             f"model_index.json (it holds {found}). Expected model_index.json and the folders "
             f"{', '.join(c + '/' for c in COMPONENTS)}; for an original single-file checkpoint "
             f"pass the .safetensors file itself")
-    with open(index) as f:
-        model_index = json.load(f)
+    model_index = read_json(index)
     if "text_encoder_2" in model_index or "transformer" in model_index:
         raise CheckpointError(f"{str(folder)!r} is a {model_index.get('_class_name')} checkpoint "
                               f"(SDXL, SD3 or later); jaxsd implements Stable Diffusion 1.x and 2.x")
+    name = model_index.get("_class_name")
+    if name is not None and name not in PIPELINE_CLASSES:
+        raise CheckpointError(f"{index}: _class_name={name!r} is not a Stable Diffusion 1.x/2.x pipeline; "
+                              f"jaxsd reads {sorted(PIPELINE_CLASSES)}")
+    for part, expected in COMPONENT_CLASSES.items():
+        entry = model_index.get(part)
+        if entry is not None and (not isinstance(entry, list) or len(entry) != 2 or entry[1] not in expected):
+            raise CheckpointError(f"{index}: {part}={entry!r}; expected [library, class] with class one "
+                                  f"of {sorted(expected)}")
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise CheckpointError(f"{str(folder)!r} is not a complete Stable Diffusion checkpoint: "
@@ -90,22 +97,32 @@ def check_folder(folder: str | os.PathLike) -> dict:
     return model_index
 
 
+# What model_index.json may name (diffusers' SD 1.x/2.x pipelines and their components).
+PIPELINE_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                    "StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipelineLegacy"}
+COMPONENT_CLASSES = {"text_encoder": {"CLIPTextModel"}, "unet": {"UNet2DConditionModel"},
+                     "vae": {"AutoencoderKL"}, "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"}}
+
+
 def load_folder(folder: str | os.PathLike, dtype=jnp.float32, *, variant: str | None = None,
                 allow_pickle: bool = False, source: str | None = None) -> Components:
     """Every component of a diffusers-layout folder, converted to jaxsd modules and parameters."""
     folder = Path(folder)
     check_folder(folder)
-    with open(folder / "scheduler" / "scheduler_config.json") as f:
-        scheduler_config = json.load(f)
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     kw = dict(variant=variant, allow_pickle=allow_pickle)
     text_encoder, text_params = load_clip_text(folder / "text_encoder", dtype, **kw)
     unet, unet_params = load_unet(folder / "unet", dtype, **kw)
     vae, vae_params = load_vae(folder / "vae", dtype, **kw)
-    with open(folder / "unet" / "config.json") as f:
-        sample_size = json.load(f).get("sample_size")
+    sample_size = read_json(folder / "unet" / "config.json").get("sample_size")
+    if isinstance(sample_size, list) and len(sample_size) == 2 and sample_size[0] == sample_size[1]:
+        sample_size = sample_size[0]  # [64, 64]: square, as jaxsd's default size is
+    if sample_size is not None and (isinstance(sample_size, bool) or not isinstance(sample_size, int)
+                                    or sample_size < 1):
+        raise CheckpointError(f"{folder / 'unet' / 'config.json'}: sample_size={sample_size!r} must be "
+                              f"a positive integer (latent pixels: 64 for SD 1.x)")
     return Components(load_tokenizer(folder / "tokenizer"), text_encoder, text_params, unet,
-                      unet_params, vae, vae_params, scheduler_config, source or str(folder),
-                      sample_size if isinstance(sample_size, int) else None)
+                      unet_params, vae, vae_params, scheduler_config, source or str(folder), sample_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +175,9 @@ def load_single_file(path: str | os.PathLike, dtype=jnp.float32, *, allow_pickle
         ``text_encoder_config``: dicts merged into the inferred configs, for what the tensors do
         not show (head counts, GroupNorm groups).
     """
-    from transformers import CLIPTokenizer
+    from jaxsd.checkpoints.tokenizer import _import_clip_tokenizer
 
+    CLIPTokenizer = _import_clip_tokenizer()
     overrides = dict(overrides or {})
     merge = {name: overrides.pop(f"{name}_config", None) or {} for name in ("unet", "vae", "text_encoder")}
     known = ("prediction_type", "upcast_attention", "image_size")

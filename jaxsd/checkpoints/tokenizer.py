@@ -22,6 +22,22 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+
+def _drop_torch_notice(record: logging.LogRecord) -> bool:
+    """A filter for transformers' logger: drop the notice it logs on import when torch is not
+    installed ("PyTorch was not found. Models won't be available..."). jaxsd uses transformers
+    only for its tokenizer, which needs no torch, so on a plain install every command printed a
+    warning about nothing. Every other transformers message passes."""
+    return not record.getMessage().startswith("PyTorch was not found")
+
+
+def _import_clip_tokenizer():
+    transformers_logger = logging.getLogger("transformers")
+    if _drop_torch_notice not in transformers_logger.filters:
+        transformers_logger.addFilter(_drop_torch_notice)
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer
+
 BUILTIN_VOCABULARY = Path(__file__).parents[1] / "assets" / "clip_tokenizer"
 
 
@@ -30,8 +46,7 @@ def load_tokenizer(folder: str | os.PathLike | None = None):
 
     With no folder, the CLIP vocabulary that ships with jaxsd (context length 77).
     """
-    from transformers import CLIPTokenizer
-
+    CLIPTokenizer = _import_clip_tokenizer()
     folder = Path(folder) if folder is not None else BUILTIN_VOCABULARY
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist")

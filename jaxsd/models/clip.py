@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsd.models.layers import MAX_DEPTH, require_finite, require_positive_int
+
 Dtype = Any
 
 # hidden_act -> activation. quick_gelu is OpenAI CLIP's sigmoid approximation x * sigmoid(1.702 x);
@@ -44,6 +46,16 @@ class CLIPTextConfig:
     pad_token_id: int = 1
 
     def __post_init__(self):
+        where = "CLIP text config"
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "max_position_embeddings"):
+            require_positive_int(where, name, getattr(self, name))
+        require_positive_int(where, "num_hidden_layers", self.num_hidden_layers, at_most=MAX_DEPTH)
+        require_finite(where, "layer_norm_eps", self.layer_norm_eps, positive=True)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"{where}: {name}={value!r} must be a token id in [0, vocab_size={self.vocab_size})")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"CLIP config: hidden_act={self.hidden_act!r} is not supported; "
                              f"choose one of {sorted(ACTIVATIONS)}")

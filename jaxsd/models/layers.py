@@ -12,6 +12,7 @@ Names follow the architecture, not checkpoint keys; the renames live in ``jaxsd/
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -151,3 +152,28 @@ def blocked_attention(q_BTNH, k_BSNH, v_BSNH, block: int = 256):
     out_GCbH = jax.lax.map(one_head, (q_GCbH, k_GHS, v_GSH))
     out_BNTH = out_GCbH.reshape(B, N, T + pad, H)[:, :, :T]
     return out_BNTH.transpose(0, 2, 1, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks, shared by the config dataclasses: a bad value fails when the config is made,
+# naming the field, the value and what is allowed, instead of deep inside a jax initialiser.
+
+MAX_WIDTH = 2**20   # widths, channels, vocabulary sizes: far above any real model's
+MAX_DEPTH = 256     # layers, blocks per level, levels: building a model traces each one
+
+
+def require_positive_int(where: str, name: str, value, at_most: int = MAX_WIDTH) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= at_most:
+        raise ValueError(f"{where}: {name}={value!r} must be an integer in [1, {at_most}]")
+
+
+def require_positive_ints(where: str, name: str, values, at_most: int = MAX_WIDTH) -> None:
+    if (not isinstance(values, tuple) or not 1 <= len(values) <= MAX_DEPTH or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= at_most for v in values)):
+        raise ValueError(f"{where}: {name}={values!r} must be a non-empty list of integers in [1, {at_most}]")
+
+
+def require_finite(where: str, name: str, value, *, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        raise ValueError(f"{where}: {name}={value!r} must be a finite number{' > 0' if positive else ''}")

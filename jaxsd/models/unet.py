@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxsd.models.layers import Downsample, Dtype, GroupNorm, ResnetBlock, Upsample, conv3x3
+from jaxsd.models.layers import (Downsample, Dtype, GroupNorm, ResnetBlock, Upsample, conv3x3, MAX_DEPTH,
+                                 require_finite, require_positive_int, require_positive_ints)
 from jaxsd.models.transformer import SpatialTransformer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,37 @@ class UNetConfig:
     flip_sin_to_cos: bool = True                        # [cos, sin] rather than [sin, cos]
     freq_shift: float = 0.0                             # frequencies exp(-ln(10^4) k / (C0/2 - freq_shift))
     time_embedding_dim: int = 1280                      # 4 * C0 unless the config says otherwise
+
+    def __post_init__(self):
+        where = "UNet config"
+        require_positive_ints(where, "block_out_channels", self.block_out_channels)
+        L = len(self.block_out_channels)
+        require_positive_ints(where, "heads", self.heads)
+        for name in ("layers_per_block", "transformer_depth"):
+            require_positive_ints(where, name, getattr(self, name), at_most=MAX_DEPTH)
+        for name in ("layers_per_block", "down_attention", "up_attention", "heads", "transformer_depth"):
+            if len(getattr(self, name)) != L:
+                raise ValueError(f"{where}: {name}={list(getattr(self, name))} must have one entry per "
+                                 f"level of block_out_channels={list(self.block_out_channels)}")
+        for name in ("cross_attention_dim", "in_channels", "out_channels", "norm_num_groups",
+                     "time_embedding_dim"):
+            require_positive_int(where, name, getattr(self, name))
+        require_finite(where, "norm_eps", self.norm_eps, positive=True)
+        require_finite(where, "freq_shift", self.freq_shift)
+        for name in ("mid_block", "mid_attention", "use_linear_projection", "upcast_attention", "flip_sin_to_cos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{where}: {name}={getattr(self, name)!r} must be true or false")
+        for name in ("down_attention", "up_attention"):
+            if not all(isinstance(v, bool) for v in getattr(self, name)):
+                raise ValueError(f"{where}: {name}={getattr(self, name)!r} must be true/false per level")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"{where}: block_out_channels={list(self.block_out_channels)} has {bad}, "
+                             f"not divisible by norm_num_groups={self.norm_num_groups}")
+        bad = [(c, h) for c, h, a in zip(self.block_out_channels, self.heads, self.down_attention) if a and c % h]
+        if bad:
+            raise ValueError(f"{where}: channels {[c for c, _ in bad]} are not divisible by their "
+                             f"attention heads {[h for _, h in bad]} (attention_head_dim)")
 
     @property
     def levels(self) -> int:
@@ -100,14 +132,14 @@ class UNetConfig:
             heads=per_level("attention_head_dim", 8),
             transformer_depth=per_level("transformer_layers_per_block", 1),
             cross_attention_dim=cross_attention_dim,
-            use_linear_projection=bool(get("use_linear_projection", False)),
-            upcast_attention=bool(get("upcast_attention", False)),
+            use_linear_projection=get("use_linear_projection", False),
+            upcast_attention=get("upcast_attention", False),
             in_channels=get("in_channels", 4),
             out_channels=get("out_channels", 4),
             norm_num_groups=get("norm_num_groups", 32),
-            norm_eps=float(get("norm_eps", 1e-5)),
-            flip_sin_to_cos=bool(get("flip_sin_to_cos", True)),
-            freq_shift=float(get("freq_shift", 0)),
+            norm_eps=get("norm_eps", 1e-5),
+            flip_sin_to_cos=get("flip_sin_to_cos", True),
+            freq_shift=get("freq_shift", 0),
             time_embedding_dim=get("time_embedding_dim", 4 * channels[0]),
         )
 

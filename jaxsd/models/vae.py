@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.models.layers import Downsample, GroupNorm, ResnetBlock, Upsample, attention, conv1x1, conv3x3
+from jaxsd.models.layers import (Downsample, GroupNorm, ResnetBlock, Upsample, attention, conv1x1, conv3x3, MAX_DEPTH,
+                                 require_finite, require_positive_int, require_positive_ints)
 
 Dtype = Any
 logger = logging.getLogger(__name__)
@@ -50,9 +51,16 @@ class VAEConfig:
     mid_block_add_attention: bool = True  # self-attention between the two mid-block ResNets
 
     def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        if not self.block_out_channels:
-            raise ValueError("VAE config: block_out_channels is empty; give one channel count per level")
+        if isinstance(self.block_out_channels, list):
+            object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        where = "VAE config"
+        require_positive_ints(where, "block_out_channels", self.block_out_channels)
+        for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
+            require_positive_int(where, name, getattr(self, name))
+        require_positive_int(where, "layers_per_block", self.layers_per_block, at_most=MAX_DEPTH)
+        require_finite(where, "scaling_factor", self.scaling_factor, positive=True)
+        if self.shift_factor is not None:
+            require_finite(where, "shift_factor", self.shift_factor)
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"VAE config: block_out_channels={list(self.block_out_channels)} has "

@@ -48,6 +48,8 @@ def negative_prompts(negative_prompt, P: int) -> list[str]:
         return [""] * P
     if isinstance(negative_prompt, str):
         return [negative_prompt] * P
+    if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(n, str) for n in negative_prompt):
+        raise ValueError(f"negative_prompt={negative_prompt!r} must be None, a string or a list of strings")
     if len(negative_prompt) != P:
         raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but there are {P} "
                          f"prompts; pass one negative prompt, or one per prompt")

@@ -32,13 +32,16 @@ def _as_list(image, what: str) -> list:
             raise ValueError(f"{what} is an integer array with values outside [0, 255]")
         array = array.astype(np.float32) / 255.0
     elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{what} holds NaN or infinite values")
         if array.min() < 0 or array.max() > 1:
             raise ValueError(f"{what} is a float array with values in [{array.min():g}, {array.max():g}]; "
                              f"floats must lie in [0, 1] (or pass uint8 pixels in [0, 255])")
         array = array.astype(np.float32)
     else:
         raise TypeError(f"{what} must be a PIL image or a NumPy array, got {type(image).__name__}")
-    if array.ndim == 4 or (array.ndim == 3 and what == "mask" and array.shape[-1] != 1):
+    # A batch: [B, H, W, C], or for masks also [B, H, W] (one [H, W, 1] or RGB [H, W, 3] mask is one).
+    if array.ndim == 4 or (array.ndim == 3 and what == "mask" and array.shape[-1] not in (1, 3)):
         return list(array)
     return [array]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -32,6 +33,33 @@ OUTPUTS = ("images", "latents", "trajectory")
 NO_KARRAS = ("ddim", "ddpm", "pndm")  # samplers whose diffusers scheduler has no use_karras_sigmas
 
 
+# The largest height or width jaxsd accepts. SD's VAE decoder holds a few float32 tensors of
+# 128 channels at full resolution: at 8192 x 8192 one is 34 GB. Larger sizes used to abort the
+# process inside XLA instead of failing with a message.
+MAX_SIDE = 8192
+
+
+def _is_real(value) -> bool:
+    """A finite real number: Python or NumPy int/float, not bool, not a string."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)) and math.isfinite(value))
+
+
+def key_from_seed(seed) -> jax.Array:
+    """A PRNG key from an integer seed in [0, 2**64 - 1] (NumPy's range).
+
+    ``jax.random.key(seed)`` keeps only the low 32 bits unless 64-bit mode is on (seed 2**32 gives
+    seed 0's key) and overflows above 2**63; building the key from the seed's two 32-bit halves
+    gives every seed its own key, and the same key as ``jax.random.key`` below 2**32.
+    """
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**64 - 1]")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed={seed} must be in [0, 2**64 - 1]")
+    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
+
+
 class StableDiffusion:
     """A loaded checkpoint: the modules, their parameters, the tokenizer and the schedule."""
 
@@ -42,7 +70,11 @@ class StableDiffusion:
         self.unet, self.unet_params = c.unet, c.unet_params
         self.vae, self.vae_params = c.vae, c.vae_params
         self.scheduler_config = c.scheduler_config
-        self.schedule = ScheduleConfig.from_config(c.scheduler_config)
+        try:
+            self.schedule = ScheduleConfig.from_config(c.scheduler_config)
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"the scheduler config (scheduler/scheduler_config.json) of "
+                                  f"{c.source!r} is not usable: {error}") from None
         try:
             self.scheduler = sampling.default_sampler(c.scheduler_config)  # the checkpoint's default
         except ValueError as e:
@@ -99,6 +131,9 @@ class StableDiffusion:
             raise ValueError(f"clip_skip={clip_skip!r} must be an integer in [0, "
                              f"{self.text_encoder.config.num_hidden_layers - 1}] (layers to skip)")
         prompts = [prompt] if isinstance(prompt, str) else prompt
+        if prompt is not None and (not isinstance(prompts, (list, tuple))
+                                   or not all(isinstance(p, str) for p in prompts)):
+            raise ValueError(f"prompt={prompt!r} must be a string or a list of strings")
         P = len(prompts) if prompt is not None else np.shape(prompt_embeds)[0]
         if P == 0:
             raise ValueError("prompt is an empty list")
@@ -151,7 +186,7 @@ class StableDiffusion:
         return self._model_fns[key]
 
     def _sampler_and_schedule(self, scheduler, karras):
-        name = scheduler or self.scheduler
+        name = self.scheduler if scheduler is None else scheduler
         sampling.get_sampler(name)  # an error listing the choices
         schedule = self.schedule
         if karras:
@@ -162,21 +197,38 @@ class StableDiffusion:
             schedule = dataclasses.replace(schedule, use_karras_sigmas=True)
         return name, schedule
 
+    def _check_run_args(self, num_steps, guidance_scale, guidance_rescale, eta, seed):
+        """The arguments every entry point shares, checked before any work."""
+        T = self.schedule.num_train_timesteps
+        if isinstance(num_steps, (bool, np.bool_)) or not isinstance(num_steps, (int, np.integer)) \
+                or not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps={num_steps!r} must be an integer in [1, {T}] (the training steps)")
+        for name, value, low, high in (("guidance_scale", guidance_scale, -math.inf, math.inf),
+                                       ("guidance_rescale", guidance_rescale, 0.0, 1.0),
+                                       ("eta", eta, 0.0, 1.0)):
+            if not _is_real(value) or not low <= value <= high:
+                where = "a finite number" if math.isinf(high) else f"a number in [{low:g}, {high:g}]"
+                raise ValueError(f"{name}={value!r} must be {where}")
+        key_from_seed(seed)
+
     def _check_size(self, height, width):
         f, m = self.vae_factor, self.vae_factor * self.latent_multiple
+        rule = (f"a positive multiple of {m} for this model (the VAE turns {f} x {f} pixels into one "
+                f"latent and the UNet halves the latent side {self.latent_multiple.bit_length() - 1} "
+                f"times: {f} x {self.latent_multiple} = {m}), at most {MAX_SIDE}")
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, (int, np.integer)) or value <= 0 or value % f:
-                raise ValueError(f"{name}={value!r} must be a positive multiple of {f} (the VAE "
-                                 f"turns {f} x {f} pixels into one latent), e.g. {max(f, value // f * f) if isinstance(value, (int, np.integer)) else 512}")
-            if value % m:
-                raise ValueError(f"{name}={value} must be a multiple of {m}: this UNet halves the "
-                                 f"{value // f}-latent side {self.latent_multiple.bit_length() - 1} times; "
-                                 f"e.g. {max(m, value // m * m)}")
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name}={value!r} must be an integer: {rule}")
+            if value <= 0 or value % m or value > MAX_SIDE:
+                example = min(max(m, value // m * m), MAX_SIDE // m * m)
+                raise ValueError(f"{name}={value} must be {rule}; e.g. {example}")
 
     def _noise(self, latents, shape, key):
         if latents is None:
             return jax.random.normal(key, shape, jnp.float32)
         latents = jnp.asarray(latents, jnp.float32)
+        if not bool(jnp.isfinite(latents).all()):
+            raise ValueError("latents holds NaN or infinite values")
         if latents.shape != shape:
             raise ValueError(f"latents has shape {latents.shape}; expected {shape} "
                              f"[batch, height/{self.vae_factor}, width/{self.vae_factor}, channels], NHWC")
@@ -233,13 +285,14 @@ class StableDiffusion:
         :param output: "images" (uint8), "latents" (the final scaled latents) or "trajectory"
             (the latents after every UNet evaluation, [E, B, h, w, 4]).
         """
+        self._check_run_args(num_steps, guidance_scale, guidance_rescale, eta, seed)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         self._check_size(height, width)
         emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size,
                                  guidance=guidance_scale > 1, clip_skip=clip_skip,
                                  prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
-        noise_key, sampler_key, _ = jax.random.split(jax.random.key(seed), 3)
+        noise_key, sampler_key, _ = jax.random.split(key_from_seed(seed), 3)
         B, f = emb.cond.shape[0], self.vae_factor
         noise = self._noise(latents, (B, height // f, width // f, self.vae.config.latent_channels), noise_key)
         return self._run(emb, noise, scheduler=scheduler, karras=karras, num_steps=num_steps,
@@ -256,7 +309,7 @@ class StableDiffusion:
                                  guidance=kw["guidance_scale"] > 1, clip_skip=kw.pop("clip_skip"),
                                  prompt_embeds=kw.pop("prompt_embeds"),
                                  negative_prompt_embeds=kw.pop("negative_prompt_embeds"))
-        keys = jax.random.split(jax.random.key(kw.pop("seed")), 4)  # noise, sampler, 2 x posterior
+        keys = jax.random.split(key_from_seed(kw.pop("seed")), 4)  # noise, sampler, 2 x posterior
         return height, width, emb, keys
 
     def _tile(self, x, B: int, what: str):
@@ -268,7 +321,7 @@ class StableDiffusion:
         return jnp.concatenate([x] * (B // n))
 
     def _first_step(self, strength, num_steps, scheduler, karras):
-        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        if not _is_real(strength) or not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r} must lie in (0, 1]: 1 ignores the image's "
                              f"content, small values change it little")
         if int(num_steps * strength) < 1:
@@ -295,6 +348,7 @@ class StableDiffusion:
         kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                   seed=seed, guidance_scale=guidance_scale)
+        self._check_run_args(num_steps, guidance_scale, guidance_rescale, eta, seed)
         _, first_step = self._first_step(strength, num_steps, scheduler, karras)
         height, width, emb, keys = self._prepare(image, height, width, prompt, kw)
         B = emb.cond.shape[0]
@@ -318,6 +372,7 @@ class StableDiffusion:
         channels. Ordinary 4-channel UNets denoise everything, and after every step the known
         region is replaced by the image's latents noised to the next step's level.
         """
+        self._check_run_args(num_steps, guidance_scale, 0.0, eta, seed)
         imgs.check_mask_matches(image, mask)
         kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -371,5 +426,9 @@ class StableDiffusion:
                            "vae": count(self.vae_params)},
             "dtype": jnp.dtype(self.dtype).name,
             "vae_scaling_factor": self.vae.config.scaling_factor,
+            "native_size": f"{self.default_size}x{self.default_size} (sizes: multiples of "
+                           f"{self.vae_factor * self.latent_multiple})",
+            "samplers": ", ".join(sampling.SAMPLERS),
+            "device": ", ".join(f"{d.platform}:{d.id} ({d.device_kind})" for d in jax.devices()),
         }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -71,7 +72,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
 
 
 def get_sampler(name: str) -> Sampler:
-    if name not in SAMPLERS:
+    if not isinstance(name, str) or name not in SAMPLERS:
         raise ValueError(f"unknown sampler={name!r}; choose one of {sorted(SAMPLERS)}")
     return SAMPLERS[name]
 
@@ -182,16 +183,61 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
                            jnp.float32(eta), first_step, sampler=s.name,
                            return_trajectory=return_trajectory, progress=False,
                            after_step=after_step, after_step_args=tuple(after_step_args))
+    run = functools.partial(_sample_jit, model_fn, tuple(model_args), latents, init_latents, arrays,
+                            key, jnp.float32(eta), first_step, sampler=s.name,
+                            return_trajectory=return_trajectory, progress=True,
+                            after_step=after_step, after_step_args=tuple(after_step_args))
     _PROGRESS.append(progress)
     try:
-        out = _sample_jit(model_fn, tuple(model_args), latents, init_latents, arrays, key,
-                          jnp.float32(eta), first_step, sampler=s.name,
-                          return_trajectory=return_trajectory, progress=True,
-                          after_step=after_step, after_step_args=tuple(after_step_args))
-        jax.block_until_ready(out)
-        jax.effects_barrier()
+        return _interruptible(run)
     finally:
         _PROGRESS.pop()
+
+
+class _Stop(Exception):
+    """Raised inside the scan's progress callback to end a run the user interrupted."""
+
+
+_STOP = threading.Event()
+
+
+def _interruptible(run: Callable):
+    """``run()``, stoppable by Ctrl-C within a step.
+
+    A jitted scan is one call into XLA: Python sees Ctrl-C only when it returns, minutes later
+    for a long run. So the run goes to a worker thread while the main thread waits, where
+    KeyboardInterrupt arrives at once; it then sets a flag that the next step's progress
+    callback turns into an error, which ends the computation, and re-raises KeyboardInterrupt.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return _finish(run())
+    result = {}
+
+    def work():
+        try:
+            result["out"] = _finish(run())
+        except BaseException as error:  # handed to the main thread
+            result["error"] = error
+
+    _STOP.clear()
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.05)
+    except KeyboardInterrupt:
+        _STOP.set()
+        worker.join()
+        _STOP.clear()
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result["out"]
+
+
+def _finish(out):
+    jax.block_until_ready(out)
+    jax.effects_barrier()
     return out
 
 
@@ -199,6 +245,8 @@ _PROGRESS: list = []  # progress bars of the sample() calls now running, innermo
 
 
 def _tick(i):
+    if _STOP.is_set():
+        raise _Stop("interrupted")
     if _PROGRESS:
         _PROGRESS[-1].update(1)
 

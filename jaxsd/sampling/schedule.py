@@ -96,6 +96,26 @@ class ScheduleConfig:
 
     def validate(self) -> None:
         """Checks the values that every sampler uses; samplers check their own options."""
+        T = self.num_train_timesteps
+        if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= 1_000_000:
+            raise ValueError(f"num_train_timesteps={T!r} must be an integer in [1, 1000000] (SD: 1000)")
+        offset = self.steps_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < T:
+            raise ValueError(f"steps_offset={offset!r} must be an integer in [0, num_train_timesteps={T}) "
+                             f"(SD: 1)")
+        if self.trained_betas is not None:
+            betas = self.trained_betas
+            if len(betas) != T:
+                raise ValueError(f"trained_betas has {len(betas)} values; it needs num_train_timesteps={T}")
+            if not all(_is_number(b) and 0 < b < 1 for b in betas):
+                raise ValueError("trained_betas must all be finite numbers in (0, 1)")
+        else:
+            for name in ("beta_start", "beta_end"):
+                value = getattr(self, name)
+                if not (_is_number(value) and 0 < value < 1):
+                    raise ValueError(f"{name}={value!r} must be a number in (0, 1) (SD: 0.00085 and 0.012)")
+            if self.beta_start > self.beta_end:
+                raise ValueError(f"beta_start={self.beta_start} must not exceed beta_end={self.beta_end}")
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.timestep_spacing is not None:
@@ -116,6 +136,10 @@ _HARMLESS_AT_DEFAULT = {
     "time_shift_type": "exponential", "shift_terminal": None, "noise_sampler_seed": None,
     "solver_order": 2, "algorithm_type": "dpmsolver++",
 }
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
