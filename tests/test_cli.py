@@ -171,11 +171,13 @@ def test_ctrl_c_stops_sampling_at_once_and_writes_nothing(tmp_path):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "jaxsd", "generate", "a red circle on blue",
-                             "--steps", "1000", "--batch", "8", "--scheduler", "euler",
-                             "--out", str(tmp_path)], stderr=subprocess.PIPE, text=True,
-                            # a shell's background job starts with SIGINT ignored; a terminal's does not
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    argv = ["jaxsd", "generate", "a red circle on blue", "--steps", "1000", "--batch", "8",
+            "--scheduler", "euler", "--out", str(tmp_path)]
+    # `python -m jaxsd`, with Ctrl-C raising KeyboardInterrupt as in a terminal (a shell's
+    # background job, as CI may be, starts with SIGINT ignored, and Python then leaves it so).
+    launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                f"sys.argv = {argv!r}; runpy.run_module('jaxsd', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stderr=subprocess.PIPE, text=True)
     seen = ""
     while "/1000" not in seen:                     # the progress bar has started: sampling runs
         chunk = proc.stderr.read(1)
