@@ -16,8 +16,9 @@ The safetensors format is an 8-byte little-endian header size, a JSON header
 have the ``safetensors`` library's own parser check the file (header size within the file, valid
 JSON of the right types, every dtype x shape equal to its byte range, the ranges contiguous,
 non-overlapping and covering the data exactly), and we refuse duplicate names in the header, which
-it lets through. Files that are not safetensors at all (a Git LFS pointer, an HTML page, a zip or
-pickle under a ``.safetensors`` name: the usual broken downloads) are named before parsing. Then
+it lets through. When the parser refuses a file, its first bytes say what it really is, for the
+usual broken downloads (a Git LFS pointer, an HTML page, a zip or pickle under a
+``.safetensors`` name), and the error names it. Then
 we memory-map the file and hand out one tensor at a time (the library's NumPy reader cannot
 return bfloat16 or float8), so converting a model never holds more than the converted parameters
 plus one tensor in memory.
