@@ -63,12 +63,36 @@ def save_png(image, folder: Path, seed: int, parameters: str) -> Path:
         while True:
             path = folder / f"{n:05d}-{seed}.png"
             try:
-                os.link(tmp, path)  # atomic; never overwrites
+                _place(tmp, path, encoded.getvalue())
                 return path
             except FileExistsError:
                 n += 1
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _place(tmp: Path, path: Path, data: bytes) -> None:
+    """Give the written ``tmp`` the name ``path``, never replacing a file (FileExistsError).
+
+    A hard link is atomic. Filesystems without hard links (FAT, exFAT, some network drives)
+    refuse it; there the bytes are written again under an exclusive create, and a failed write
+    removes the partial file."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:   # EPERM / ENOTSUP / ENOSYS: no hard links here
+        pass
+    with open(path, "xb") as f:   # "x": FileExistsError if the name is taken
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            path.unlink(missing_ok=True)
+            raise
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -121,7 +145,7 @@ def _check_size_before_loading(size: tuple[int, int], model: str) -> None:
     """--size against the model's whole size rule, read from its configs when it is a built-in
     model or a local folder (a Hub id or a single file is checked once loaded)."""
     from jaxsd.checkpoints.sources import BUILTIN_MODELS
-    from jaxsd.pipelines.stable_diffusion import MAX_SIDE
+    from jaxsd.pipelines.stable_diffusion import MAX_SIDE, check_side
 
     folder = BUILTIN_MODELS.get(model) or Path(model).expanduser()
     try:
@@ -129,15 +153,13 @@ def _check_size_before_loading(size: tuple[int, int], model: str) -> None:
                   for part in ("vae", "unet")}
     except (OSError, ValueError, KeyError, TypeError):
         levels = None
-    f, halvings = (2 ** (levels["vae"] - 1), levels["unet"] - 1) if levels else (1, 0)
-    m = f * 2 ** halvings
     width, height = size
     for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % m or value > MAX_SIDE:
-            rule = (f"a multiple of {m} for this model (the VAE turns {f} x {f} pixels into one latent "
-                    f"and the UNet halves the latent side {halvings} times)" if levels else "positive")
-            raise ValueError(f"--size {width}x{height}: the {name} must be {rule}, at most {MAX_SIDE}; "
-                             f"e.g. {min(max(m, value // m * m), MAX_SIDE // m * m)}")
+        if levels:   # the same rule as StableDiffusion's: VAE factor x the UNet's halvings
+            check_side(f"--size {width}x{height}: {name} ", value, 2 ** (levels["vae"] - 1),
+                       2 ** (levels["unet"] - 1))
+        elif not 0 < value <= MAX_SIDE:
+            raise ValueError(f"--size {width}x{height}: {name} {value} must be positive, at most {MAX_SIDE}")
 
 
 def _check_output_folder(folder: Path) -> None:

@@ -106,9 +106,9 @@ import pytest  # noqa: E402
     (["--guidance", "nan"], "--guidance nan: must be a finite number"),
     (["--seed", "-2"], "--seed -2: must be in [0, 2**64 - 1], or -1 for a random seed"),
     (["--seed", str(2**64)], "must be in [0, 2**64 - 1]"),
-    (["--size", "100x64"], "--size 100x64: the width must be a multiple of 16 for this model (the VAE "
-                           "turns 4 x 4 pixels into one latent and the UNet halves the latent side 2 times)"),
-    (["--size", "64x100000"], "--size 64x100000: the height must be a multiple of 16"),
+    (["--size", "100x64"], "--size 100x64: width 100 must be a positive multiple of 16 for this model (the VAE "
+                           "turns 4 x 4 pixels into one latent and the UNet halves the latent side 2 times: 4 x 4 = 16)"),
+    (["--size", "64x100000"], "--size 64x100000: height 100000 must be a positive multiple of 16"),
 ])
 def test_generate_mistakes_are_reported_before_the_model_loads(monkeypatch, tmp_path, capsys, extra, message):
     import jaxsd.cli
@@ -164,6 +164,36 @@ def test_a_failed_write_leaves_no_file(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="No space"):
         save_png(np.zeros((8, 8, 3), np.uint8), tmp_path, 1, "params")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writes_without_hard_links(monkeypatch, tmp_path):
+    """On a filesystem without hard links (FAT, some network drives) the PNG is written with an
+    exclusive create: same bytes, never overwriting, and a failed write leaves no partial file."""
+    import errno
+
+    from PIL import Image
+
+    from jaxsd.cli import save_png
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    linked = save_png(image, tmp_path / "linked", 1, "params")
+    monkeypatch.setattr("os.link", no_links)
+    first = save_png(image, tmp_path, 1, "params")
+    second = save_png(image, tmp_path, 1, "params")
+    assert (first.name, second.name) == ("00000-1.png", "00001-1.png")
+    assert first.read_bytes() == second.read_bytes() == linked.read_bytes()
+    np.testing.assert_array_equal(np.asarray(Image.open(first)), image)
+
+    def disk_full(fd):   # the bytes are in the file; the disk refuses to keep them
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_png(image, tmp_path, 1, "params")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["00000-1.png", "00001-1.png"]
 
 
 def test_ctrl_c_stops_sampling_at_once_and_writes_nothing(tmp_path):

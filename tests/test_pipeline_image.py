@@ -109,7 +109,8 @@ def test_single_file_checkpoint_gives_the_same_images(sd1, sd1_folder, tmp_path)
     write_single_file(path, state_dicts, configs, "sd1")
     # What the tensors cannot show: head counts and GroupNorm groups of this tiny model.
     single = StableDiffusion.from_pretrained(
-        path, unet_config={"attention_head_dim": configs["unet"]["attention_head_dim"]},
+        path, unet_config={"attention_head_dim": configs["unet"]["attention_head_dim"],
+                           "norm_num_groups": configs["unet"]["norm_num_groups"]},
         vae_config={"norm_num_groups": configs["vae"]["norm_num_groups"]},
         text_encoder_config={"num_attention_heads": configs["text_encoder"]["num_attention_heads"]})
     assert single.scheduler == "pndm"

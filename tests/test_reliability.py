@@ -363,3 +363,99 @@ def test_write_single_file_takes_jaxsds_own_per_level_configs(tmp_path):
     bad = dict(configs, unet=dict(configs["unet"], transformer_layers_per_block=[1, 2, 1]))
     with pytest.raises(ValueError, match="one value for every level"):
         write_single_file(tmp_path / "bad.safetensors", state_dicts, bad, "sd1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Single files: the built-in model written as one CompVis-layout file, then damaged. Every
+# variant loads the model the file describes or is refused with jaxsd's own error naming the
+# file or the argument; nothing is guessed that the tensors cannot show.
+
+def _single_file_parts():
+    from jaxsd.checkpoints.files import read_config, read_state_dict
+    parts = ("unet", "vae", "text_encoder")
+    configs = {p: read_config(FOLDER / p) for p in parts}
+    state_dicts = {p: {k: np.asarray(v) for k, v in read_state_dict(FOLDER / p).items()} for p in parts}
+    return configs, state_dicts
+
+
+def _unseen(configs):
+    from jaxsd.checkpoints.ldm_arch import UNSEEN
+    return {f"{c}_config": {k: configs[c][k] for k in keys} for c, keys in UNSEEN.items()}
+
+
+def single_file_variants(tensors: dict, unseen: dict, seed: int = 0):
+    """(class, description, tensors, overrides, must_load); seeded."""
+    rng = np.random.default_rng(seed)
+    keys = sorted(tensors)
+    for key in rng.choice(keys, 12, replace=False):
+        yield "a tensor missing", key, {k: v for k, v in tensors.items() if k != key}, unseen, False
+    for key in rng.choice(keys, 8, replace=False):
+        renamed = key.rsplit(".", 1)[0] + ".wieght"
+        yield "a tensor renamed", key, {(renamed if k == key else k): v for k, v in tensors.items()}, unseen, False
+    for key in rng.choice(keys, 20, replace=False):
+        v = tensors[key]
+        axis = int(rng.integers(v.ndim)) if v.ndim else None
+        grown = np.zeros(v.shape[:axis] + (v.shape[axis] + 1,) + v.shape[axis + 1:], v.dtype) if v.ndim else v[None]
+        # A consistent different model is possible only where the tensors define a size alone
+        # (the vocabulary, the positions): that file is valid and loads.
+        alone = key.endswith(("token_embedding.weight", "position_embedding.weight")) and axis == 0
+        yield "a tensor's shape changed", f"{key} axis {axis}", {**tensors, key: grown}, unseen, alone
+    for prefix in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model."):
+        yield "a component missing", prefix, {k: v for k, v in tensors.items() if not k.startswith(prefix)}, unseen, False
+    yield "another model", "SDXL conditioner keys", {**tensors, "conditioner.embedders.0.x": np.zeros(1, np.float32)}, unseen, False
+    yield "another model", "an unknown key", {**tensors, "lora_te_text_model.alpha": np.float32(1)}, unseen, False
+    yield "weights", "int32 weights", {**tensors, keys[0]: tensors[keys[0]].astype(np.int32)}, unseen, False
+    yield "weights", "a NaN weight", {**tensors, keys[1]: np.full_like(tensors[keys[1]], np.nan)}, unseen, False
+    # Overrides: what the tensors cannot show, partly given, wrong, or contradicting the file.
+    flat = [(arg, k) for arg, d in unseen.items() for k in d]
+    for n in range(len(flat)):   # every proper subset of a given size, one each
+        kept = set(map(tuple, rng.permutation(flat)[:n].tolist()))
+        partial = {arg: {k: v for k, v in d.items() if (arg, k) in kept} for arg, d in unseen.items()}
+        yield "overrides incomplete", f"{n} of {len(flat)} given", tensors, partial, False
+    for arg, key in flat:
+        for bad in (0, -1, 3, "8", 2.5, None, float("nan")):
+            yield "an override's value", f"{arg}[{key!r}]={bad!r}", tensors, \
+                {**unseen, arg: {**unseen[arg], key: bad}}, False
+    yield "an override contradicting the file", "block_out_channels", tensors, \
+        {**unseen, "unet_config": {**unseen["unet_config"], "block_out_channels": [8, 8, 8]}}, False
+    yield "an override unknown", "attention_heads", tensors, \
+        {**unseen, "unet_config": {**unseen["unet_config"], "attention_heads": 4}}, False
+    yield "an override unknown", "a misspelt argument", tensors, {**unseen, "vae_confg": {}}, False
+    yield "the file itself", "loads", tensors, unseen, True
+
+
+def test_fuzzed_single_files_load_what_they_say_or_are_refused(tmp_path):
+    from jaxsd.checkpoints.convert import ConversionError
+    from jaxsd.checkpoints.single_file import save_safetensors, to_single_file_state_dict
+    from jaxsd.checkpoints.sources import load_single_file
+
+    configs, state_dicts = _single_file_parts()
+    tensors = to_single_file_state_dict(state_dicts, configs, "sd1")
+    unseen = _unseen(configs)
+    counts = collections.Counter()
+    for i, (kind, description, variant, overrides, must_load) in enumerate(single_file_variants(tensors, unseen)):
+        path = tmp_path / f"v{i}.safetensors"
+        save_safetensors(path, variant)
+        label = f"{kind}: {description}"
+        try:
+            loaded = load_single_file(path, overrides=overrides)
+        except (CheckpointError, ConversionError) as error:
+            assert str(path) in str(error), f"{label}: the error does not name the file: {error}"
+            if kind.startswith(("an override", "overrides")):   # ... and the override at fault
+                assert "_config" in str(error), f"{label}: the error names no override: {error}"
+            counts[kind, "refused naming the file"] += 1
+        except (ValueError, TypeError) as error:
+            assert "_config" in str(error) or "overrides" in str(error), \
+                f"{label}: the error names no argument: {error}"
+            counts[kind, "refused naming the argument"] += 1
+        else:
+            assert must_load, f"{label}: loaded silently"
+            for params in (loaded.unet_params, loaded.vae_params, loaded.text_params):
+                assert all(np.isfinite(np.asarray(x)).all() for x in _leaves(params))
+            counts[kind, "loaded (a valid file)"] += 1
+        finally:
+            path.unlink()
+    print()
+    for (kind, outcome), n in sorted(counts.items()):
+        print(f"  {kind:36s} {outcome:28s} {n}")
+    assert sum(counts.values()) >= 80

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from jaxsd.checkpoints.files import SafetensorsFile
+from jaxsd.checkpoints.ldm_arch import UNSEEN
 from jaxsd.checkpoints.single_file import (SingleFileError, infer_arch, key_maps, read_single_file,
                                            save_safetensors, to_single_file_state_dict, write_single_file)
 
@@ -46,6 +47,12 @@ CASES = {  # name -> (family, unet kwargs, text kwargs)
     "sd2": ("sd2", SD2_UNET, SD2_TEXT),
     "sd1_inpaint": ("sd1", dict(SD1_UNET, in_channels=9), SD1_TEXT),
 }
+
+
+def unseen(configs):
+    """What these small models' tensors cannot show (``ldm_arch.UNSEEN``: head counts, GroupNorm
+    groups), from their own configs, as ``read_single_file``'s overrides."""
+    return {f"{c}_config": {k: configs[c][k] for k in keys} for c, keys in UNSEEN.items()}
 
 
 def randomize_(module, seed):
@@ -130,7 +137,7 @@ def test_diffusers_pipeline_from_single_file(name, tmp_path):
     family, models, configs, state_dicts = build(name)
     path = tmp_path / "model.safetensors"
     write_single_file(path, state_dicts, configs, family)
-    inferred = read_single_file(path).configs
+    inferred = read_single_file(path, **unseen(configs)).configs
     folder = tmp_path / "config"       # a local diffusers pipeline folder, configs only
     for component, filename in (("unet", "config.json"), ("vae", "config.json"),
                                 ("text_encoder", "config.json"), ("scheduler", "scheduler_config.json")):
@@ -156,13 +163,13 @@ def test_diffusers_pipeline_from_single_file(name, tmp_path):
 # 2. read_single_file recovers the tensors and infers the architecture.
 
 def test_read_recovers_every_tensor(case):
-    checkpoint = read_single_file(case["path"])
+    checkpoint = read_single_file(case["path"], **unseen(case["configs"]))
     for component in ("unet", "vae", "text_encoder"):
         assert_same_state_dict(checkpoint.state_dicts[component], case["state_dicts"][component], component)
 
 
 def test_inferred_arch_and_configs(case):
-    checkpoint = read_single_file(case["path"])
+    checkpoint = read_single_file(case["path"], **unseen(case["configs"]))
     arch, configs = checkpoint.arch, checkpoint.configs
     inpainting = case["name"].endswith("inpaint")
     assert arch.family == case["family"]
@@ -197,7 +204,7 @@ def test_inferred_arch_and_configs(case):
 
 def test_overrides_and_dtype(case):
     checkpoint = read_single_file(case["path"], prediction_type="v_prediction", upcast_attention=False,
-                                  image_size=256, dtype=np.float16)
+                                  image_size=256, dtype=np.float16, **unseen(case["configs"]))
     assert checkpoint.arch.prediction_type == "v_prediction"
     assert checkpoint.configs["scheduler"]["prediction_type"] == "v_prediction"
     assert checkpoint.configs["unet"]["upcast_attention"] is False
@@ -208,7 +215,7 @@ def test_overrides_and_dtype(case):
     np.testing.assert_array_equal(checkpoint.state_dicts["unet"][key],
                                   case["state_dicts"]["unet"][key].astype(np.float16))
     with pytest.raises(ValueError, match="prediction_type='sample'"):
-        read_single_file(case["path"], prediction_type="sample")
+        read_single_file(case["path"], prediction_type="sample", **unseen(case["configs"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,12 +294,53 @@ def _tensors(path):
     return {k: np.array(file[k]) for k in file}
 
 
+SD1_UNSEEN = unseen(build("sd1")[2])
+
+
 @pytest.fixture(scope="module")
 def sd1_file(tmp_path_factory):
     family, _, configs, state_dicts = build("sd1")
     path = tmp_path_factory.mktemp("sd1_errors") / "model.safetensors"
     write_single_file(path, state_dicts, configs, family)
     return path
+
+
+def test_what_the_tensors_cannot_show_must_be_given(sd1_file):
+    """A small (not released) architecture: head counts and GroupNorm groups are not guessed.
+    Each missing one is named; a partial set is refused too (it used to load with SD's values)."""
+    with pytest.raises(SingleFileError, match="not a released SD 1.x/2.x architecture") as error:
+        read_single_file(sd1_file)
+    for name in ("unet_config['attention_head_dim']", "unet_config['norm_num_groups']",
+                 "vae_config['norm_num_groups']", "text_encoder_config['num_attention_heads']"):
+        assert name in str(error.value)
+    for component, keys in UNSEEN.items():
+        for key in keys:
+            partial = {arg: {k: v for k, v in d.items() if (arg, k) != (f"{component}_config", key)}
+                       for arg, d in SD1_UNSEEN.items()}
+            with pytest.raises(SingleFileError) as error:
+                read_single_file(sd1_file, **partial)
+            assert str(error.value).count("_config[") == 1 and f"{component}_config[{key!r}]" in str(error.value)
+    checkpoint = read_single_file(sd1_file, **SD1_UNSEEN)
+    assert checkpoint.configs["unet"]["attention_head_dim"] == 8
+    assert checkpoint.configs["text_encoder"]["num_attention_heads"] == 1
+
+
+def test_overrides_that_contradict_the_file_or_are_unknown(sd1_file):
+    given = lambda **unet: dict(SD1_UNSEEN, unet_config={**SD1_UNSEEN["unet_config"], **unet})
+    # Repeating what the tensors say is fine (tuples or lists); changing it is not.
+    read_single_file(sd1_file, **given(block_out_channels=(32, 64, 64), layers_per_block=2))
+    with pytest.raises(SingleFileError, match=r"unet_config\['block_out_channels'\] = \[32, 64, 128\] "
+                                              r"contradicts the file.*\[32, 64, 64\]"):
+        read_single_file(sd1_file, **given(block_out_channels=[32, 64, 128]))
+    with pytest.raises(ValueError, match=r"unknown unet config field\(s\) \['attention_heads'\]"):
+        read_single_file(sd1_file, **given(attention_heads=8))
+    with pytest.raises(ValueError, match=r"unet_config\['sample_size'\]: pass image_size="):
+        read_single_file(sd1_file, **given(sample_size=32))
+    with pytest.raises(TypeError, match="vae_config=32: expected a dict"):
+        read_single_file(sd1_file, **dict(SD1_UNSEEN, vae_config=32))
+    # Settings that are neither counted nor unseen may be given (here the norm epsilon).
+    checkpoint = read_single_file(sd1_file, **given(norm_eps=1e-6))
+    assert checkpoint.configs["unet"]["norm_eps"] == 1e-6
 
 
 def test_known_extras_are_ignored(sd1_file, tmp_path, caplog):
@@ -306,14 +354,14 @@ def test_known_extras_are_ignored(sd1_file, tmp_path, caplog):
         "first_stage_model.loss.logvar": np.float32(0)})
     save_safetensors(tmp_path / "extras.safetensors", tensors)
     with caplog.at_level(logging.WARNING):
-        checkpoint = read_single_file(tmp_path / "extras.safetensors")
+        checkpoint = read_single_file(tmp_path / "extras.safetensors", **SD1_UNSEEN)
     assert not caplog.records
     assert checkpoint.configs["scheduler"]["num_train_timesteps"] == 1000
     # A file whose own schedule buffer disagrees with the inferred scheduler config: a warning.
     tensors["alphas_cumprod"] = np.cumprod(1 - 2 * betas).astype(np.float32)
     save_safetensors(tmp_path / "odd.safetensors", tensors)
     with caplog.at_level(logging.WARNING):
-        read_single_file(tmp_path / "odd.safetensors")
+        read_single_file(tmp_path / "odd.safetensors", **SD1_UNSEEN)
     assert "alphas_cumprod" in caplog.text
 
 
@@ -325,7 +373,7 @@ def test_unknown_and_missing_keys_are_listed(sd1_file, tmp_path):
     del tensors["model.diffusion_model.output_blocks.5.2.conv.weight"]
     save_safetensors(tmp_path / "bad.safetensors", tensors)
     with pytest.raises(SingleFileError) as error:
-        read_single_file(tmp_path / "bad.safetensors")
+        read_single_file(tmp_path / "bad.safetensors", **SD1_UNSEEN)
     message = str(error.value)
     for key in ("model.diffusion_model.extra_block.weight", "lora_unet_down.alpha",
                 "first_stage_model.decoder.up.0.block.1.conv2.bias",
@@ -342,7 +390,7 @@ def test_sd2_drops_the_last_open_clip_layer_only(tmp_path):
     save_safetensors(tmp_path / "m.safetensors", tensors)
     # 25 resblocks now: the text encoder is read as 24 layers, so resblock 23 is needed in full.
     with pytest.raises(SingleFileError, match=r"resblocks\.23\.mlp\.c_fc\.bias"):
-        read_single_file(tmp_path / "m.safetensors")
+        read_single_file(tmp_path / "m.safetensors", **unseen(configs))
 
 
 def test_not_a_stable_diffusion_file(tmp_path):
@@ -368,10 +416,10 @@ def test_pickle_needs_opt_in_and_reads_global_step(tmp_path):
                path)
     with pytest.raises(SingleFileError, match="pickle file.*allow_pickle=True"):
         read_single_file(path)
-    checkpoint = read_single_file(path, allow_pickle=True)
+    checkpoint = read_single_file(path, allow_pickle=True, **unseen(configs))
     assert checkpoint.arch.global_step == 875000
     assert checkpoint.arch.prediction_type == "epsilon"   # SD 2.0-base's step: diffusers' rule
     for component in ("unet", "vae", "text_encoder"):
         assert_same_state_dict(checkpoint.state_dicts[component], state_dicts[component], component)
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, path)   # no wrapper
-    assert read_single_file(path, allow_pickle=True).arch.prediction_type == "v_prediction"
+    assert read_single_file(path, allow_pickle=True, **unseen(configs)).arch.prediction_type == "v_prediction"

@@ -28,11 +28,14 @@ from jaxsd.models.vae import AutoencoderKL, VAEConfig
 
 
 def _config(make, config: dict, what: str):
-    """``make(config)``, with a bad value reported as a CheckpointError naming the component."""
+    """``make(config)``, with a bad value reported as a CheckpointError naming the component.
+
+    ``what`` names the component and where its config came from (a folder, whose config.json
+    it is, or a single file, whose config is inferred from the tensors plus the overrides)."""
     try:
         return make(config)
     except (ValueError, TypeError) as error:
-        raise CheckpointError(f"{what}: its config.json does not describe a model jaxsd can build: "
+        raise CheckpointError(f"{what}: its config does not describe a model jaxsd can build: "
                               f"{error}") from None
 
 

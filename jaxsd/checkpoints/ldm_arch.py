@@ -1,8 +1,9 @@
 """What an original (CompVis/LDM) single-file checkpoint is, read off its tensor shapes alone.
 
 The file holds no config: the number of levels, channels, layers and the text tower are
-counted from the keys and shapes; what the tensors cannot show (head counts, prediction type,
-the default size) follows diffusers' own rules for the same files. ``single_file.py`` reads the
+counted from the keys and shapes. What the tensors cannot show: head counts and GroupNorm
+groups are known for the released SD 1.x/2.x architectures and must be given for any other
+(``UNSEEN``, ``RELEASED``); prediction type and default size follow diffusers' own rules. ``single_file.py`` reads the
 tensors with the configs found here; ``docs/single_file.md`` explains each rule.
 """
 from __future__ import annotations
@@ -22,6 +23,90 @@ BETA_START, BETA_END = 0.00085, 0.012
 IMAGE_SIZE = {"v1": 512, "v2": 768, "inpainting": 512, "inpainting_v2": 512}
 # SD 2.0-base's .ckpt was saved at this step; diffusers' only clue that an SD 2 file is epsilon.
 SD2_BASE_GLOBAL_STEP = 875000
+
+
+# What the tensors cannot show, per component. For the released architectures the LDM yamls
+# say it; for any other (a small test model, a distilled or pruned UNet) the user must.
+UNSEEN = {"unet": ("attention_head_dim", "norm_num_groups"), "vae": ("norm_num_groups",),
+          "text_encoder": ("num_attention_heads",)}
+# The released SD 1.x/2.x architectures, by the inferred fields that identify them, and their
+# unseen settings: LDM's v1-inference.yaml (num_heads 8), v2-inference.yaml (num_head_channels 64,
+# which diffusers writes as per-level head counts), GroupNorm(32) everywhere, 64-wide CLIP heads.
+RELEASED = {
+    "unet": {"sd1": ({"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768},
+                     {"attention_head_dim": 8, "norm_num_groups": 32}),
+             "sd2": ({"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 1024},
+                     {"attention_head_dim": [5, 10, 20, 20], "norm_num_groups": 32})},
+    "vae": {family: ({"block_out_channels": [128, 256, 512, 512]}, {"norm_num_groups": 32})
+            for family in ("sd1", "sd2")},
+    "text_encoder": {"sd1": ({"hidden_size": 768, "num_hidden_layers": 12}, {"num_attention_heads": 12}),
+                     "sd2": ({"hidden_size": 1024, "num_hidden_layers": 23}, {"num_attention_heads": 16})},
+}
+_ARG = {"unet": "unet_config", "vae": "vae_config", "text_encoder": "text_encoder_config"}
+# Fields counted off the tensors (an override may repeat them, not change them) ...
+_FROM_TENSORS = {
+    "unet": {"in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+             "up_block_types", "cross_attention_dim", "transformer_layers_per_block",
+             "use_linear_projection"},
+    "vae": {"in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+            "down_block_types", "up_block_types"},
+    "text_encoder": {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "max_position_embeddings"},
+}
+# ... and fields with their own argument of read_single_file.
+_OWN_ARGUMENT = {"unet": {"sample_size": "image_size", "upcast_attention": "upcast_attention"},
+                 "vae": {"sample_size": "image_size"}}
+
+
+def _known_fields(component: str) -> set[str]:
+    """The config fields jaxsd's model classes read, for checking the user's override names."""
+    from jaxsd.models import clip, unet, vae
+    if component == "unet":
+        return unet._READ | set(unet._UNSUPPORTED)
+    config_class = vae.VAEConfig if component == "vae" else clip.CLIPTextConfig
+    return {f.name for f in dataclasses.fields(config_class)}
+
+
+def _add_unseen(family: str, configs: dict, given: dict, path) -> None:
+    """Complete ``configs`` (in place) with what the tensors cannot show: the released
+    architecture's values, or the user's ``given`` ones, which must not contradict the tensors."""
+    missing = []
+    for component, config in configs.items():
+        user = given[component] or {}
+        if not isinstance(user, Mapping):
+            raise TypeError(f"{_ARG[component]}={user!r}: expected a dict of {component} config "
+                            f"fields, e.g. {{{UNSEEN[component][0]!r}: ...}}")
+        unknown = sorted(set(user) - set(config) - _known_fields(component))
+        if unknown:
+            raise ValueError(f"{_ARG[component]}: unknown {component} config field(s) {unknown}; "
+                             f"what the tensors cannot show is {list(UNSEEN[component])}")
+        for key, value in user.items():
+            if key in _OWN_ARGUMENT.get(component, {}):
+                raise ValueError(f"{_ARG[component]}[{key!r}]: pass {_OWN_ARGUMENT[component][key]}= "
+                                 f"instead (it sets the scheduler's and the VAE's configs too)")
+            plain = list(value) if isinstance(value, tuple) else value
+            if key in _FROM_TENSORS[component] and config[key] != plain:
+                raise SingleFileError(
+                    f"{path}: {_ARG[component]}[{key!r}] = {value!r} contradicts the file, whose "
+                    f"tensors say {config[key]!r}; leave it out (only what the tensors cannot show "
+                    f"needs saying: {', '.join(UNSEEN[component])})")
+        identity, known = RELEASED[component][family]
+        if all(config[k] == v for k, v in identity.items()):
+            config.update(known)
+        else:
+            missing += [f"{_ARG[component]}[{k!r}]" for k in UNSEEN[component] if user.get(k) is None]
+        config.update(user)
+    if missing:
+        described = (f"UNet {configs['unet']['block_out_channels']}, VAE "
+                     f"{configs['vae']['block_out_channels']}, text encoder "
+                     f"{configs['text_encoder']['hidden_size']} wide x "
+                     f"{configs['text_encoder']['num_hidden_layers']} layers")
+        raise SingleFileError(
+            f"{path} is not a released SD 1.x/2.x architecture ({described}), so jaxsd cannot "
+            f"know what its tensors do not show; missing: {', '.join(missing)}. Pass them, e.g. "
+            f"StableDiffusion.from_pretrained(path, unet_config={{'attention_head_dim': 8, "
+            f"'norm_num_groups': 32}}, vae_config={{'norm_num_groups': 32}}, "
+            f"text_encoder_config={{'num_attention_heads': 12}}) with this model's values")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +166,6 @@ def infer_text_encoder_config(shapes: Mapping, open_clip: bool) -> dict:
         "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
         "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
         "num_hidden_layers": layers, "max_position_embeddings": positions,
-        # Not in the tensors: both towers use 64-wide heads (12 x 64 = 768, 16 x 64 = 1024).
-        "num_attention_heads": max(1, hidden // 64),
         "hidden_act": "gelu" if open_clip else "quick_gelu",   # OpenCLIP: exact GELU
         "layer_norm_eps": 1e-5,
         # As in SD 1.5's and SD 2's text_encoder/config.json (legacy eos_token_id 2: the pooled
@@ -145,8 +228,14 @@ def infer_vae_config(shapes: Mapping) -> dict:
 
 
 def infer_arch(shapes: Mapping, global_step: int | None = None, *, prediction_type=None,
-               upcast_attention=None, image_size=None, path="checkpoint") -> tuple[Arch, dict]:
-    """The :class:`Arch` and the four configs from ``{ldm key: shape}`` (no tensor is read)."""
+               upcast_attention=None, image_size=None, unet_config=None, vae_config=None,
+               text_encoder_config=None, path="checkpoint") -> tuple[Arch, dict]:
+    """The :class:`Arch` and the four configs from ``{ldm key: shape}`` (no tensor is read).
+
+    ``unet_config``, ``vae_config``, ``text_encoder_config``: settings the tensors cannot show
+    (:data:`UNSEEN`), merged into the inferred configs; required for an architecture other than
+    the released SD 1.x/2.x ones (:data:`RELEASED`), whose values jaxsd knows.
+    """
     shapes = {k: tuple(s) for k, s in shapes.items()}
     open_clip = _what_is_it(shapes, path)
     try:
@@ -180,13 +269,10 @@ def infer_arch(shapes: Mapping, global_step: int | None = None, *, prediction_ty
                 upcast_attention=(model_type == "v2") if upcast_attention is None else bool(upcast_attention),
                 image_size=image_size or IMAGE_SIZE[model_type], global_step=global_step)
     vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    unet.update(
-        sample_size=arch.image_size // vae_scale, upcast_attention=arch.upcast_attention,
-        # Not in the tensors. LDM configs: SD 1 has num_heads 8 at every level; SD 2 has 64-wide
-        # heads (num_head_channels 64), which diffusers writes as per-level head counts.
-        attention_head_dim=(8 if family == "sd1" else
-                            [max(1, c // 64) for c in unet["block_out_channels"]]))
+    unet.update(sample_size=arch.image_size // vae_scale, upcast_attention=arch.upcast_attention)
     vae["sample_size"] = arch.image_size
+    _add_unseen(family, {"unet": unet, "vae": vae, "text_encoder": text},
+                {"unet": unet_config, "vae": vae_config, "text_encoder": text_encoder_config}, path)
     scheduler = {
         # SD 2.1's repo (which diffusers configures "v2" files from) ships DDIM, SD 1.5's PNDM.
         "_class_name": "DDIMScheduler" if model_type == "v2" else "PNDMScheduler",

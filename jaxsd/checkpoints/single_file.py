@@ -144,7 +144,9 @@ def _ignored(configs: dict, family: str) -> list[tuple[re.Pattern, str]]:
 
 def read_single_file(path: str | os.PathLike, *, allow_pickle: bool = False, dtype=None,
                      prediction_type: str | None = None, upcast_attention: bool | None = None,
-                     image_size: int | None = None) -> SingleFileCheckpoint:
+                     image_size: int | None = None, unet_config: dict | None = None,
+                     vae_config: dict | None = None,
+                     text_encoder_config: dict | None = None) -> SingleFileCheckpoint:
     """An original SD 1.x/2.x single-file checkpoint as diffusers components.
 
     :param path: a ``.safetensors`` file (or ``.ckpt`` with ``allow_pickle``).
@@ -154,13 +156,19 @@ def read_single_file(path: str | os.PathLike, *, allow_pickle: bool = False, dty
         files are v_prediction unless saved at SD 2.0-base's global step, as in diffusers).
     :param upcast_attention: None infers it (True for SD 2 text-to-image, as SD 2.1's config).
     :param image_size: the default resolution; None takes diffusers' (512, or 768 for SD 2).
+    :param unet_config, vae_config, text_encoder_config: config fields the tensors cannot show
+        (``ldm_arch.UNSEEN``: head counts, GroupNorm groups), merged into the inferred configs.
+        Known for the released SD 1.x/2.x architectures; required for any other, and a missing
+        one is a ``SingleFileError`` naming it. A value that contradicts the tensors is refused.
     """
     path = Path(path)
     source, global_step = _open(path, allow_pickle)
     shapes = {k: (source.shape(k) if isinstance(source, SafetensorsFile) else source[k].shape)
               for k in source}
     arch, configs = infer_arch(shapes, global_step, prediction_type=prediction_type,
-                               upcast_attention=upcast_attention, image_size=image_size, path=path)
+                               upcast_attention=upcast_attention, image_size=image_size,
+                               unet_config=unet_config, vae_config=vae_config,
+                               text_encoder_config=text_encoder_config, path=path)
     maps = key_maps(configs, arch.family)
     expected = {k for m in maps.values() for k in m}
     ignored = _ignored(configs, arch.family)

@@ -172,25 +172,27 @@ def load_single_file(path: str | os.PathLike, dtype=jnp.float32, *, allow_pickle
 
     :param overrides: ``prediction_type``, ``upcast_attention``, ``image_size`` (see
         :func:`jaxsd.checkpoints.single_file.read_single_file`), and ``unet_config``, ``vae_config``,
-        ``text_encoder_config``: dicts merged into the inferred configs, for what the tensors do
-        not show (head counts, GroupNorm groups).
+        ``text_encoder_config``: what the tensors do not show (head counts, GroupNorm groups),
+        required for architectures other than the released SD 1.x/2.x ones.
     """
-    from jaxsd.checkpoints.tokenizer import _import_clip_tokenizer
+    from jaxsd.checkpoints.tokenizer import import_clip_tokenizer
 
-    CLIPTokenizer = _import_clip_tokenizer()
+    CLIPTokenizer = import_clip_tokenizer()
     overrides = dict(overrides or {})
-    merge = {name: overrides.pop(f"{name}_config", None) or {} for name in ("unet", "vae", "text_encoder")}
-    known = ("prediction_type", "upcast_attention", "image_size")
+    known = ("prediction_type", "upcast_attention", "image_size", "unet_config", "vae_config",
+             "text_encoder_config")
     if set(overrides) - set(known):
         raise ValueError(f"unknown single-file overrides {sorted(set(overrides) - set(known))}; "
-                         f"choose from {list(known) + [n + '_config' for n in merge]}")
+                         f"choose from {list(known)}")
     ckpt = read_single_file(path, allow_pickle=allow_pickle, **overrides)
-    configs = {name: {**ckpt.configs[name], **merge.get(name, {})} for name in ckpt.configs}
-    what = lambda part: f"{part} of {str(path)!r}"
+    configs = ckpt.configs
+    what = lambda part, arg: (f"{part} of {str(path)!r} (its config inferred from the tensors, "
+                              f"with {arg}={overrides.get(arg, {})!r})")
     text_encoder, text_params = build_clip_text(configs["text_encoder"], ckpt.state_dicts["text_encoder"],
-                                                dtype, what=what("the text encoder"))
-    unet, unet_params = build_unet(configs["unet"], ckpt.state_dicts["unet"], dtype, what=what("the UNet"))
-    vae, vae_params = build_vae(configs["vae"], ckpt.state_dicts["vae"], dtype, what=what("the VAE"))
+                                                dtype, what=what("the text encoder", "text_encoder_config"))
+    unet, unet_params = build_unet(configs["unet"], ckpt.state_dicts["unet"], dtype,
+                                   what=what("the UNet", "unet_config"))
+    vae, vae_params = build_vae(configs["vae"], ckpt.state_dicts["vae"], dtype, what=what("the VAE", "vae_config"))
     # No tokenizer in the file: CLIP's vocabulary ships with jaxsd. SD 2's OpenCLIP pads with "!".
     tokenizer = CLIPTokenizer.from_pretrained(
         BUILTIN_VOCABULARY, **({"pad_token": "!"} if ckpt.arch.family == "sd2" else {}))

@@ -31,12 +31,15 @@ def _drop_torch_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("PyTorch was not found")
 
 
-def _import_clip_tokenizer():
+def import_clip_tokenizer():
+    """transformers' ``CLIPTokenizer`` class, with transformers' "PyTorch was not found" notice
+    dropped (jaxsd uses only its tokenizer, which needs no torch)."""
     transformers_logger = logging.getLogger("transformers")
     if _drop_torch_notice not in transformers_logger.filters:
         transformers_logger.addFilter(_drop_torch_notice)
     from transformers import CLIPTokenizer
     return CLIPTokenizer
+
 
 BUILTIN_VOCABULARY = Path(__file__).parents[1] / "assets" / "clip_tokenizer"
 
@@ -46,7 +49,7 @@ def load_tokenizer(folder: str | os.PathLike | None = None):
 
     With no folder, the CLIP vocabulary that ships with jaxsd (context length 77).
     """
-    CLIPTokenizer = _import_clip_tokenizer()
+    CLIPTokenizer = import_clip_tokenizer()
     folder = Path(folder) if folder is not None else BUILTIN_VOCABULARY
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist")

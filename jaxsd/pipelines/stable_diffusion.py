@@ -60,6 +60,24 @@ def key_from_seed(seed) -> jax.Array:
     return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
 
 
+
+def check_side(name: str, value, vae_factor: int, latent_multiple: int) -> None:
+    """One image side against a model's whole size rule, in one message (ValueError).
+
+    ``name`` prefixes the value in the message (``"height="``, ``"--size 64x100: width "``);
+    ``vae_factor`` is the VAE's pixels per latent (8 for SD), ``latent_multiple`` what the
+    UNet's halvings need of the latent side (2 ** (levels - 1)). Shared by the pipeline and the
+    command line, which checks ``--size`` from the configs before loading the model."""
+    f, m = vae_factor, vae_factor * latent_multiple
+    rule = (f"a positive multiple of {m} for this model (the VAE turns {f} x {f} pixels into one "
+            f"latent and the UNet halves the latent side {latent_multiple.bit_length() - 1} "
+            f"times: {f} x {latent_multiple} = {m}), at most {MAX_SIDE}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}{value!r} must be an integer: {rule}")
+    if value <= 0 or value % m or value > MAX_SIDE:
+        example = min(max(m, value // m * m), MAX_SIDE // m * m)
+        raise ValueError(f"{name}{value} must be {rule}; e.g. {example}")
+
 class StableDiffusion:
     """A loaded checkpoint: the modules, their parameters, the tokenizer and the schedule."""
 
@@ -212,16 +230,8 @@ class StableDiffusion:
         key_from_seed(seed)
 
     def _check_size(self, height, width):
-        f, m = self.vae_factor, self.vae_factor * self.latent_multiple
-        rule = (f"a positive multiple of {m} for this model (the VAE turns {f} x {f} pixels into one "
-                f"latent and the UNet halves the latent side {self.latent_multiple.bit_length() - 1} "
-                f"times: {f} x {self.latent_multiple} = {m}), at most {MAX_SIDE}")
         for name, value in (("height", height), ("width", width)):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name}={value!r} must be an integer: {rule}")
-            if value <= 0 or value % m or value > MAX_SIDE:
-                example = min(max(m, value // m * m), MAX_SIDE // m * m)
-                raise ValueError(f"{name}={value} must be {rule}; e.g. {example}")
+            check_side(f"{name}=", value, self.vae_factor, self.latent_multiple)
 
     def _noise(self, latents, shape, key):
         if latents is None:
