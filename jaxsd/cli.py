@@ -329,8 +329,18 @@ def _train_tiny(args) -> int:
                     log.info("%s step %d: %s", stage, step,
                              " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 
+        pool_bar = None
+
+        def on_pool(done, total):   # the UNet stage's latent pool, encoded once per run folder
+            nonlocal pool_bar
+            if pool_bar is None:
+                pool_bar = tqdm(total=total, desc="encoding the latent pool", unit="scene", dynamic_ncols=True)
+            pool_bar.update(done - pool_bar.n)
+            if done == total:
+                pool_bar.close()
+
         state, model = loop.run_stage(stage, args.out, model, cfg, save_every=args.save_every,
-                                      on_step=on_step, stop_after=args.stop_after)
+                                      on_step=on_step, stop_after=args.stop_after, on_pool=on_pool)
         bar.close()
         if int(state.step) < cfg.steps:
             log.info("stage %s stopped at step %d of %d; run again to resume", stage,

@@ -33,13 +33,14 @@ def test_attribute_loss_is_the_mean_cross_entropy_over_kept_captions():
     import jax.numpy as jnp
     D, K = 8, sum(n for _, n in train.ATTRIBUTES)
     head = {"kernel": jnp.zeros((D, K)), "bias": jnp.zeros((K,))}   # uniform predictions
-    attributes = jnp.array([[0, 1, 2], [3, 4, 1]], jnp.int32)
+    attributes = jnp.array([[0, 1, 2, 3, 9], [3, 4, 1, 0, 5]], jnp.int32)
     kept = jnp.array([True, False])
     uniform = np.mean([np.log(n) for _, n in train.ATTRIBUTES])
     assert float(train.attribute_loss(jnp.ones((2, D)), head, attributes, kept)) == pytest.approx(uniform, rel=1e-6)
     # a head that is sure of caption 0's attributes: loss ~0; caption 1 (dropped) does not count
     bias = np.zeros(K, np.float32)
-    for (_, n), start, value in zip(train.ATTRIBUTES, np.cumsum([0] + [n for _, n in train.ATTRIBUTES][:-1]), [0, 1, 2]):
+    for (_, n), start, value in zip(train.ATTRIBUTES, np.cumsum([0] + [n for _, n in train.ATTRIBUTES][:-1]),
+                                    [0, 1, 2, 3, 9]):
         bias[start + value] = 50.0
     sure = {"kernel": jnp.zeros((D, K)), "bias": jnp.asarray(bias)}
     assert float(train.attribute_loss(jnp.ones((2, D)), sure, attributes, kept)) < 1e-6
@@ -92,6 +93,94 @@ def test_both_stages_lower_the_loss_and_resume_exactly(tmp_path):
                                    rtol=1e-3, atol=1e-4)                   # float16 files
     assert exported.vae.config.scaling_factor == model.vae.scaling_factor
     assert exported.scheduler_config["_class_name"] == train.SCHEDULER == "EulerDiscreteScheduler"
+
+
+def test_latent_pool_v_prediction_zero_snr_lower_the_loss_resume_and_export(tmp_path):
+    """The full preset's UNet stage draws from a pool of pre-encoded scenes; here with
+    v-prediction on a zero-terminal-SNR schedule and Min-SNR weights, all at once."""
+    vae_cfg = train.TrainConfig(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=5, edge_weight=10.0)
+    _, model, vae_losses = _losses("vae", tmp_path, vae_cfg)
+    assert all(np.isfinite(vae_losses))
+    unet_cfg = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5, latent_pool=96,
+                                 prediction_type="v_prediction", zero_terminal_snr=True, min_snr_gamma=5.0)
+    train_loop.run_stage("unet", tmp_path, MODEL, unet_cfg, stop_after=20)
+    pool = np.load(tmp_path / "latents-96.npz")
+    assert pool["moments"].shape == (96, 16, 16, 2 * MODEL.vae.latent_channels)
+    assert pool["moments"].dtype == np.float16 and len(pool["fg"]) == 96
+    resumed, _, losses = _losses("unet", tmp_path, unet_cfg)          # reads the cached pool
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    for name in ("vae.msgpack", "vae.json"):
+        (straight_dir / name).write_bytes((tmp_path / name).read_bytes())
+    straight, _, straight_losses = _losses("unet", straight_dir, unet_cfg)   # encodes it anew
+    assert straight_losses[20:] == losses
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+    assert np.mean(straight_losses[-5:]) < 0.8 * np.mean(straight_losses[:5]), straight_losses
+    presets = {"vae": vae_cfg, "unet": unet_cfg}
+    scheduler = load_folder(train_loop.export_model(tmp_path, tmp_path / "model", model, presets)).scheduler_config
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
+    assert scheduler["timestep_spacing"] == "trailing"
+
+
+def test_zero_terminal_snr_schedule_is_diffusers():
+    from diffusers import DDPMScheduler
+    ours = train.scaled_linear_alphas_cumprod(zero_terminal_snr=True)
+    theirs = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           rescale_betas_zero_snr=True).alphas_cumprod.double().numpy()
+    assert ours[-1] == 0
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)   # theirs: float32 betas
+
+
+def test_min_snr_weights_are_min_snr_gamma_on_the_x0_error():
+    """Hang et al.: weight min(SNR, gamma) on ||x0_hat - x0||^2, whatever the network predicts.
+    Checked through the identities ||eps err||^2 = SNR ||x0 err||^2 and ||v err||^2 = (SNR + 1)
+    ||x0 err||^2, on random predictions."""
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    abar = jnp.asarray(train.scaled_linear_alphas_cumprod()[[0, 100, 500, 900, 999]], jnp.float32)
+    a = abar[:, None]
+    x0, eps, guess = (jnp.asarray(rng.standard_normal((5, 64)), jnp.float32) for _ in range(3))
+    z = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
+    snr = abar / (1 - abar)
+    for prediction_type in ("epsilon", "v_prediction"):
+        if prediction_type == "epsilon":   # the network's guess of eps, and the x0 it implies
+            err = jnp.square(guess - eps).sum(1)
+            x0_hat = (z - jnp.sqrt(1 - a) * guess) / jnp.sqrt(a)
+        else:
+            err = jnp.square(guess - (jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0)).sum(1)
+            x0_hat = jnp.sqrt(a) * z - jnp.sqrt(1 - a) * guess
+        x0_err = jnp.square(x0_hat - x0).sum(1)
+        w = train.snr_weight(abar, prediction_type, 5.0)
+        np.testing.assert_allclose(w * err, jnp.minimum(snr, 5.0) * x0_err, rtol=2e-3)
+        np.testing.assert_array_equal(train.snr_weight(abar, prediction_type, None), np.ones(5))
+
+
+def test_outline_weights_and_caption_attributes():
+    from jaxsd.training import shapes
+    scenes = shapes.Scenes(*(np.array([v]) for v in (0, 4, 1, 2, 4, 32.0, 32.0, 10.0)))  # a square, half 10
+    mask = shapes.outline_mask(scenes)[0]
+    assert mask[32, 32] == 0 and mask[2, 2] == 0                       # centre, far background
+    assert mask[32, 22] == 1 and mask[22, 32] == 1 and mask[32, 42] == 1   # on the edges (x = 22, 42)
+    # The attributes a caption says, with "unsaid" classes, for every phrasing; "" gives zeros.
+    rng = np.random.default_rng(1)
+    many = shapes.sample_scenes(rng, 50)
+    texts = shapes.captions(rng, many)
+    got = shapes.caption_attributes(texts + [""])
+    for text, row in zip(texts, got):
+        p = shapes.parse_caption(text)
+        assert tuple(row) == (p.fg, p.bg, p.shape, 3 if p.size is None else p.size,
+                              9 if p.position is None else p.position)
+    assert (got[-1] == 0).all() and (got[:, 3] == 3).any() and (got[:, 4] == 9).any()
+
+
+def test_train_config_refuses_settings_that_cannot_work():
+    with pytest.raises(ValueError, match="zero_terminal_snr=True needs prediction_type='v_prediction'"):
+        train.TrainConfig(zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        train.TrainConfig(prediction_type="sample")
+    for field, value in (("min_snr_gamma", 0), ("edge_weight", -1), ("latent_pool", -1)):
+        with pytest.raises(ValueError, match=field):
+            train.TrainConfig(**{field: value})
 
 
 def test_unet_stage_needs_the_vae(tmp_path):

@@ -79,6 +79,9 @@ print(f"{len(shapes.all_triples('train'))} triples in training, {len(held_out)} 
 #            small errors and so prefers a blurred edge to a sharp one slightly misplaced;
 #     KL     the divergence of q(z|x) from N(0, I), weighted 1e-5: just enough to keep the
 #            latents on a sane scale and the posterior smooth, not enough to erase detail.
+# The library's loss also weighs the L1 of the pixels along the shape's outline 11 times
+# (edge_weight 10): a small triangle and a small circle differ only there, and with plain L1
+# the autoencoder settled for blobs.
 pipe = jaxsd.StableDiffusion.from_pretrained("tiny-shapes")
 vae, vae_params = pipe.vae, pipe.vae_params
 # The networks' forward passes, each compiled once by XLA (run op by op, they are much slower).
@@ -94,11 +97,13 @@ z = posterior.mean + jnp.exp(0.5 * posterior.logvar) * jax.random.normal(key, po
 recon = decode(z)                                                        # [8, 64, 64, 3]
 l1 = jnp.abs(recon - x).mean()
 kl = 0.5 * (posterior.mean ** 2 + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar).mean()
-vae_objective = l1 + 1e-5 * kl
+w = 1.0 + 10.0 * shapes.outline_mask(batch.scenes)                       # [8, 64, 64]
+error = jnp.abs(recon - x).mean(axis=-1)                                 # [8, 64, 64]
+vae_objective = (w * error).sum() / w.sum() + 1e-5 * kl
 print(f"latents {z.shape}; L1 {float(l1):.4f} (about {float(l1) * 127.5:.1f}/255 per pixel), "
       f"KL {float(kl):.2f} per element")
 
-library_objective, _ = jax.jit(lambda x, key: recipe.vae_loss(vae, vae_params, x, key, kl_weight=1e-5))(x, key)
+library_objective, _ = jax.jit(lambda x, w, key: recipe.vae_loss(vae, vae_params, x, w, key, kl_weight=1e-5))(x, w, key)
 assert abs(float(vae_objective) - float(library_objective)) < 1e-6, (vae_objective, library_objective)
 save_rows([list(batch.images), list(to_uint8(recon))], "vae_reconstructions.png")
 
@@ -141,12 +146,13 @@ eps_hat = unet(noisy, t, context)
 mse = jnp.square(eps_hat - eps).mean()
 print(f"timesteps {np.asarray(t)}; noise-prediction MSE {float(mse):.4f}")
 
-# The library's loss also trains a small linear probe that must read the colours and the shape
-# off the text encoder's pooled output (recipe.attribute_loss explains why: without it the young
-# text encoder collapsed to a constant). The probe is thrown away after training, so it is not
-# in the shipped folder; a fresh one is enough here, with weight 0.
+# The library's loss also trains a small linear probe that must read the colours, the shape,
+# the size and the position (or that the caption does not say them) off the text encoder's
+# pooled output (recipe.attribute_loss explains why: without it the young text encoder
+# collapsed to a constant). The probe is thrown away after training, so it is not in the
+# shipped folder; a fresh one is enough here, with weight 0.
 head = recipe.init_params(recipe.ATTRIBUTE_HEAD, np.random.default_rng(0), jnp.zeros((1, 64)))
-attributes = np.stack([batch.scenes.fg, batch.scenes.bg, batch.scenes.shape], axis=1)
+attributes = shapes.caption_attributes(captions)                          # [8, 5]
 library_loss = jax.jit(lambda latents, ids, attributes, has_caption, key: recipe.diffusion_loss(
     pipe.text_encoder, pipe.unet, {"text": pipe.text_params, "unet": pipe.unet_params, "head": head},
     latents, ids, attributes, has_caption, key, abar, attribute_weight=0.0, noise_offset=0.3))

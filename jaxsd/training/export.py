@@ -100,16 +100,26 @@ SCHEDULER_KEYS = {
 }
 
 
-def scheduler_config_json(scheduler: str = "PNDMScheduler") -> dict:
+def scheduler_config_json(scheduler: str = "PNDMScheduler", prediction_type: str = "epsilon",
+                          zero_terminal_snr: bool = False) -> dict:
     """The training schedule (scaled_linear, 1000 steps), with SD 1.5's sampling settings
-    (leading timesteps + 1), for the diffusers class ``scheduler`` (SD 1.5's is PNDM)."""
+    (leading timesteps + 1), for the diffusers class ``scheduler`` (SD 1.5's is PNDM).
+
+    A model trained with a zero-terminal-SNR schedule says ``rescale_betas_zero_snr`` and
+    samples from the last timestep: "trailing" spacing, as Lin et al. (2024, sec. 3.3) and
+    diffusers' own zero-SNR folders do ("leading" would never start from pure noise)."""
     if scheduler not in SCHEDULER_KEYS:
         raise ValueError(f"scheduler={scheduler!r} is not supported; choose one of {list(SCHEDULER_KEYS)}")
-    return {"_class_name": scheduler, "_diffusers_version": DIFFUSERS_VERSION,
-            "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-            "beta_schedule": "scaled_linear", "trained_betas": None, "prediction_type": "epsilon",
-            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-            "clip_sample": False, "timestep_spacing": "leading", **SCHEDULER_KEYS[scheduler]}
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type={prediction_type!r}; choose 'epsilon' or 'v_prediction'")
+    config = {"_class_name": scheduler, "_diffusers_version": DIFFUSERS_VERSION,
+              "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "trained_betas": None, "prediction_type": prediction_type,
+              "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+              "clip_sample": False, "timestep_spacing": "leading", **SCHEDULER_KEYS[scheduler]}
+    if zero_terminal_snr:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0)
+    return config
 
 
 MODEL_INDEX = {
@@ -126,16 +136,20 @@ MODEL_INDEX = {
 
 def export_diffusers(folder: str | os.PathLike, *, text_config: CLIPTextConfig, text_params,
                      unet_config: UNetConfig, unet_params, vae_config: VAEConfig, vae_params,
-                     image_size: int = 64, dtype=np.float16, scheduler: str = "PNDMScheduler") -> Path:
+                     image_size: int = 64, dtype=np.float16, scheduler: str = "PNDMScheduler",
+                     prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> Path:
     """Write a complete StableDiffusionPipeline folder; returns its path.
 
     :param dtype: the dtype the weights are stored in (float16 halves the size; loaders upcast).
     :param scheduler: the diffusers scheduler class the folder names as its default (one of
         :data:`SCHEDULER_KEYS`); any sampler can still be chosen at sampling time.
+    :param prediction_type, zero_terminal_snr: how the UNet was trained (see
+        :func:`scheduler_config_json`).
     """
     from safetensors.numpy import save_file
 
-    scheduler_config = scheduler_config_json(scheduler)   # an unknown name fails before writing
+    # an unknown name fails before writing
+    scheduler_config = scheduler_config_json(scheduler, prediction_type, zero_terminal_snr)
     folder = Path(folder)
     f = vae_config.downsample_factor
     if image_size % f:

@@ -8,6 +8,7 @@ it. :func:`run_stage` trains one stage into a folder, resuming from its checkpoi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import queue
@@ -24,10 +25,10 @@ from jaxsd.checkpoints.tokenizer import load_tokenizer, tokenize
 from jaxsd.models.clip import CLIPTextConfig
 from jaxsd.models.unet import UNetConfig
 from jaxsd.models.vae import AutoencoderKL, VAEConfig
-from jaxsd.training.recipe import (ATTRIBUTES, FULL, SCHEDULER, STAGES, TINY, TinyModelConfig, TrainConfig,
+from jaxsd.training.recipe import (FULL, SCHEDULER, STAGES, TINY, TinyModelConfig, TrainConfig,
                                    TrainState, _check_choice, init_state, measure_scaling_factor, unet_step,
                                    vae_step)
-from jaxsd.training.shapes import ShapesDataset
+from jaxsd.training.shapes import Scenes, ShapesDataset, caption_attributes, captions, outline_mask
 
 # ---------------------------------------------------------------------------------------------
 # Data: batches rendered and tokenized ahead, in a background thread.
@@ -47,21 +48,71 @@ class CaptionTokenizer:
 
 def training_batches(stage: str, data: ShapesDataset, cfg: TrainConfig, start: int,
                      tokenizer: CaptionTokenizer | None = None) -> Iterator[tuple]:
-    """Batch ``start``, ``start + 1``, ...: (images,) for the VAE, (images, ids, attributes,
-    has_caption) for the UNet.
+    """Batch ``start``, ``start + 1``, ...: (images, pixel weights) for the VAE, (images, ids,
+    attributes, has_caption) for the UNet.
 
     Caption dropout happens here: which captions become "" depends only on (seed, step).
     """
     for index, batch in enumerate(data.batches(cfg.batch_size, start), start):
         if stage == "vae":
-            yield (batch.images,)
+            yield batch.images, 1.0 + cfg.edge_weight * outline_mask(batch.scenes)
             continue
-        rng = np.random.default_rng([cfg.seed, index, 7])
-        drop = rng.random(cfg.batch_size) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(batch.captions, drop)]
-        s = batch.scenes
-        attributes = np.stack([getattr(s, name) for name, _ in ATTRIBUTES], axis=1).astype(np.int32)
-        yield batch.images, tokenizer(captions), attributes, ~drop
+        yield (batch.images, *_text_inputs(batch.captions, cfg, index, tokenizer))
+
+
+def _text_inputs(texts: list[str], cfg: TrainConfig, index: int, tokenizer: CaptionTokenizer):
+    """(ids [B, 77], attributes [B, 5], has_caption [B]) with step ``index``'s caption dropout."""
+    rng = np.random.default_rng([cfg.seed, index, 7])
+    drop = rng.random(len(texts)) < cfg.caption_dropout
+    texts = ["" if d else c for c, d in zip(texts, drop)]
+    return tokenizer(texts), caption_attributes(texts), ~drop
+
+
+# The pool's scenes are the dataset's batches from this index on: apart from the training
+# batches (0, 1, ...) and from those measure_scaling_factor reads (10,000,000 on).
+POOL_START = 20_000_000
+POOL_CHUNK = 256
+
+
+def latent_pool(folder: str | os.PathLike, vae: AutoencoderKL, vae_params, data: ShapesDataset, n: int,
+                on_progress: Callable[[int, int], None] | None = None) -> tuple[Scenes, np.ndarray]:
+    """``n`` scenes and their posterior moments under the frozen VAE, [n, h, w, 2C] (mean, then
+    log-variance), encoded once and cached as ``folder/latents-<n>.npz``.
+
+    The UNet stage draws its batches from these instead of rendering and encoding every batch:
+    the encoder was a fifth of a step's time. Each step still samples its own z ~ q(z|x) and a
+    fresh caption (phrasing, whether size and position are said), so what repeats is the scene,
+    one of 32,768 for the full run. Stored as float16 and always used as read back, so a run
+    that resumes from the cache sees the same numbers as the one that wrote it.
+    """
+    path = Path(folder) / f"latents-{n}.npz"
+    if not path.is_file():
+        encode = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method=vae.encode))
+        parts, moments = [], []
+        for i in range(-(-n // POOL_CHUNK)):
+            batch = data.batch(POOL_START + i, POOL_CHUNK)
+            posterior = encode(batch.images.astype(np.float32) / 127.5 - 1.0)
+            parts.append(batch.scenes)
+            moments.append(np.concatenate([posterior.mean, posterior.logvar], axis=-1).astype(np.float16))
+            if on_progress is not None:
+                on_progress(min((i + 1) * POOL_CHUNK, n), n)
+        scenes = Scenes(*(np.concatenate(field)[:n] for field in zip(*parts)))
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, moments=np.concatenate(moments)[:n], **scenes._asdict())
+        os.replace(tmp, path)
+    with np.load(path) as saved:
+        return Scenes(*(saved[f] for f in Scenes._fields)), saved["moments"].astype(np.float32)
+
+
+def pool_batches(scenes: Scenes, moments: np.ndarray, cfg: TrainConfig, start: int,
+                 tokenizer: CaptionTokenizer) -> Iterator[tuple]:
+    """UNet batches from the latent pool: (moments [B, h, w, 2C], ids, attributes, has_caption);
+    batch i is a pure function of (seed, i), as :func:`training_batches`."""
+    for index in itertools.count(start):
+        rng = np.random.default_rng([cfg.seed, index, 5])
+        pick = rng.integers(len(moments), size=cfg.batch_size)
+        texts = captions(rng, Scenes(*(field[pick] for field in scenes)))
+        yield (moments[pick], *_text_inputs(texts, cfg, index, tokenizer))
 
 
 def prefetch(iterator: Iterator, size: int = 4) -> Iterator:
@@ -136,7 +187,8 @@ def _to_json(config) -> dict:
 def run_stage(stage: str, folder: str | os.PathLike, model: TinyModelConfig = TINY,
               cfg: TrainConfig | None = None, *, save_every: int = 1000,
               on_step: Callable[[int, dict], None] | None = None, metrics_every: int = 10,
-              stop_after: int | None = None) -> tuple[TrainState, TinyModelConfig]:
+              stop_after: int | None = None,
+              on_pool: Callable[[int, int], None] | None = None) -> tuple[TrainState, TinyModelConfig]:
     """Train one stage, resuming from ``folder`` if it holds a checkpoint of it.
 
     :param stage: "vae" or "unet" (the UNet stage needs the finished VAE stage in ``folder``).
@@ -146,6 +198,8 @@ def run_stage(stage: str, folder: str | os.PathLike, model: TinyModelConfig = TI
         floats every ``metrics_every`` steps and None otherwise (reading them back makes the
         host wait for the device, which then idles while the next step is dispatched).
     :param stop_after: stop after this many steps of this call (to split a run), saving first.
+    :param on_pool: called as ``on_pool(done, total)`` while the UNet stage's latent pool is
+        encoded (once per run folder; see :func:`latent_pool`).
     :returns: (the final state, the model config, with the VAE's measured scaling_factor).
     """
     _check_choice("stage", stage, STAGES)
@@ -167,7 +221,11 @@ def run_stage(stage: str, folder: str | os.PathLike, model: TinyModelConfig = TI
     start = int(state.step)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     tokenizer = CaptionTokenizer() if stage == "unet" else None
-    batches = prefetch(training_batches(stage, data, cfg, start, tokenizer))
+    if stage == "unet" and cfg.latent_pool:
+        pool = latent_pool(folder, AutoencoderKL(model.vae), vae_state.ema, data, cfg.latent_pool, on_pool)
+        batches = prefetch(pool_batches(*pool, cfg, start, tokenizer))
+    else:
+        batches = prefetch(training_batches(stage, data, cfg, start, tokenizer))
     for index in range(start, end):
         state, metrics = step_fn(state, *next(batches))
         if on_step is not None:
@@ -194,4 +252,6 @@ def export_model(folder: str | os.PathLike, dest: str | os.PathLike, model: Tiny
     unet = load_checkpoint(folder, "unet", init_state("unet", model, presets["unet"])).ema
     return export_diffusers(dest, text_config=model.text, text_params=unet["text"],
                             unet_config=model.unet, unet_params=unet["unet"],
-                            vae_config=model.vae, vae_params=vae, scheduler=scheduler)
+                            vae_config=model.vae, vae_params=vae, scheduler=scheduler,
+                            prediction_type=presets["unet"].prediction_type,
+                            zero_terminal_snr=presets["unet"].zero_terminal_snr)
