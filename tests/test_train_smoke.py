@@ -120,6 +120,15 @@ def test_latent_pool_v_prediction_zero_snr_lower_the_loss_resume_and_export(tmp_
     scheduler = load_folder(train_loop.export_model(tmp_path, tmp_path / "model", model, presets)).scheduler_config
     assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
     assert scheduler["timestep_spacing"] == "trailing"
+    # A cache written with other VAE weights is not reused: it is encoded anew.
+    from jaxsd.models.vae import AutoencoderKL
+    from jaxsd.training.shapes import ShapesDataset
+    vae_ema = train_loop.load_checkpoint(tmp_path, "vae", train.init_state("vae", model, vae_cfg)).ema
+    _, again = train_loop.latent_pool(tmp_path, AutoencoderKL(model.vae), vae_ema, ShapesDataset(seed=0), 96)
+    np.testing.assert_array_equal(again, pool["moments"].astype(np.float32))
+    _, other = train_loop.latent_pool(tmp_path, AutoencoderKL(model.vae), jax.tree.map(lambda p: 1.01 * p, vae_ema),
+                                      ShapesDataset(seed=0), 96)
+    assert not np.array_equal(other, again)
 
 
 def test_zero_terminal_snr_schedule_is_diffusers():

@@ -83,9 +83,17 @@ def latent_pool(folder: str | os.PathLike, vae: AutoencoderKL, vae_params, data:
     the encoder was a fifth of a step's time. Each step still samples its own z ~ q(z|x) and a
     fresh caption (phrasing, whether size and position are said), so what repeats is the scene,
     one of 32,768 for the full run. Stored as float16 and always used as read back, so a run
-    that resumes from the cache sees the same numbers as the one that wrote it.
+    that resumes from the cache sees the same numbers as the one that wrote it; a cache written
+    with other VAE weights or another data seed is encoded anew.
     """
     path = Path(folder) / f"latents-{n}.npz"
+    # Which VAE and data the cache holds: a VAE retrained into the same folder re-encodes.
+    fingerprint = np.array([float(sum(np.abs(np.asarray(p, np.float64)).sum() for p in jax.tree.leaves(vae_params))),
+                            data.seed])
+    if path.is_file():
+        with np.load(path) as saved:
+            if not np.array_equal(saved["fingerprint"], fingerprint):
+                path.unlink()
     if not path.is_file():
         encode = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method=vae.encode))
         parts, moments = [], []
@@ -98,7 +106,7 @@ def latent_pool(folder: str | os.PathLike, vae: AutoencoderKL, vae_params, data:
                 on_progress(min((i + 1) * POOL_CHUNK, n), n)
         scenes = Scenes(*(np.concatenate(field)[:n] for field in zip(*parts)))
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, moments=np.concatenate(moments)[:n], **scenes._asdict())
+        np.savez(tmp, moments=np.concatenate(moments)[:n], fingerprint=fingerprint, **scenes._asdict())
         os.replace(tmp, path)
     with np.load(path) as saved:
         return Scenes(*(saved[f] for f in Scenes._fields)), saved["moments"].astype(np.float32)
