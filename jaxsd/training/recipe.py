@@ -143,8 +143,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # from issue 7's recipe, see "The run that made the shipped model"), and the CI smoke run.
 FULL = {"vae": TrainConfig(steps=1_000, batch_size=16, learning_rate=2e-3, warmup_steps=50,
                           ema_decay=0.99, edge_weight=10.0),
+        # v-prediction on a zero-terminal-SNR schedule: the first recipe that made the position
+        # words move what the UNet draws (docs/tiny_model.md, "Why position fails").
         "unet": TrainConfig(steps=10_000, batch_size=32, learning_rate=1e-3, warmup_steps=200,
-                            noise_offset=0.3, min_snr_gamma=5.0, latent_pool=32_768)}
+                            prediction_type="v_prediction", zero_terminal_snr=True,
+                            latent_pool=32_768)}
 # The diffusers scheduler the exported folder names as its default. Not SD 1.5's PNDM: on the
 # tiny model the linear multistep samplers (PNDM, LMS) get the colours right a third of the time,
 # Euler nearly always (docs/tiny_model.md, "Quality").
