@@ -4,12 +4,14 @@ Two stages, each a jitted step over an explicit :class:`TrainState` (the loop th
 with data, checkpoints and export, is :func:`jaxsd.training.loop.run_stage`):
 
     stage "vae"   the autoencoder alone: images x -> q(z|x) -> z -> x_hat
-                  loss = mean |x - x_hat| + kl_weight * mean KL(q(z|x) || N(0, I))
+                  loss = L1 weighted on the outline (x, x_hat) + kl_weight * mean KL(q(z|x) || N(0, I))
     stage "unet"  the CLIP text encoder and the UNet together, on latents of the frozen VAE:
                   z0 = scaling_factor * z,  z ~ q(z|x)
                   t ~ U{0, ..., 999},  eps ~ N(0, I)
                   z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps               (Ho et al., 2020, eq. 4)
                   loss = mean || eps - eps_theta(z_t, t, CLIP(caption)) ||^2  (Ho et al., 2020, eq. 14)
+                  or, with v-prediction, the same error on v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0
+                  (Salimans & Ho, 2022), which FULL trains on a zero-terminal-SNR schedule
                   with the caption replaced by "" 10% of the time, so that the same network also
                   learns eps_theta(z_t, t, "") for classifier-free guidance (Ho & Salimans, 2022),
                   + attribute_weight * cross-entropy of a linear probe that reads the caption's
