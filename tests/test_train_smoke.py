@@ -129,6 +129,15 @@ def test_latent_pool_v_prediction_zero_snr_lower_the_loss_resume_and_export(tmp_
     _, other = train_loop.latent_pool(tmp_path, AutoencoderKL(model.vae), jax.tree.map(lambda p: 1.01 * p, vae_ema),
                                       ShapesDataset(seed=0), 96)
     assert not np.array_equal(other, again)
+    # A cache from before fingerprints, or one cut short, is encoded anew too (it used to crash).
+    path = tmp_path / "latents-96.npz"
+    with np.load(path) as saved:
+        np.savez(path, **{k: saved[k] for k in saved.files if k != "fingerprint"})
+    _, old = train_loop.latent_pool(tmp_path, AutoencoderKL(model.vae), vae_ema, ShapesDataset(seed=0), 96)
+    np.testing.assert_array_equal(old, again)
+    path.write_bytes(path.read_bytes()[:1000])
+    _, cut = train_loop.latent_pool(tmp_path, AutoencoderKL(model.vae), vae_ema, ShapesDataset(seed=0), 96)
+    np.testing.assert_array_equal(cut, again)
 
 
 def test_zero_terminal_snr_schedule_is_diffusers():

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import threading
+import zipfile
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
@@ -91,9 +92,13 @@ def latent_pool(folder: str | os.PathLike, vae: AutoencoderKL, vae_params, data:
     fingerprint = np.array([float(sum(np.abs(np.asarray(p, np.float64)).sum() for p in jax.tree.leaves(vae_params))),
                             data.seed])
     if path.is_file():
-        with np.load(path) as saved:
-            if not np.array_equal(saved["fingerprint"], fingerprint):
-                path.unlink()
+        try:
+            with np.load(path) as saved:
+                stale = not np.array_equal(saved["fingerprint"], fingerprint)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            stale = True    # written before fingerprints, or cut short: not ours to trust
+        if stale:
+            path.unlink()
     if not path.is_file():
         encode = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method=vae.encode))
         parts, moments = [], []
