@@ -44,6 +44,7 @@ from jaxsd.checkpoints.tokenizer import load_tokenizer, tokenize
 from jaxsd.models.clip import CLIPTextConfig, CLIPTextModel
 from jaxsd.models.unet import UNet, UNetConfig
 from jaxsd.models.vae import AutoencoderKL, VAEConfig, image_to_latents, latents_to_image
+from jaxsd.pipelines.images import image_grid
 from jaxsd.pipelines.stable_diffusion import StableDiffusion
 from jaxsd.sampling import SAMPLERS, add_noise, first_step_for_strength, make_plan, sample
 from jaxsd.sampling.schedule import SD1_CONFIG, SD2_V_CONFIG, ScheduleConfig
@@ -54,5 +55,5 @@ __all__ = [
     "UNet", "UNetConfig", "load_unet",
     "ScheduleConfig", "SD1_CONFIG", "SD2_V_CONFIG", "SAMPLERS", "sample", "make_plan", "add_noise",
     "first_step_for_strength",
-    "StableDiffusion",
+    "StableDiffusion", "image_grid",
 ]

@@ -1,43 +1,40 @@
-"""Tutorial: train your own latent diffusion model, on pictures jaxsd draws for you.
+# %% [markdown]
+# # Train your own
+#
+# The built-in `tiny-shapes` model was trained by jaxsd itself, on a captioned dataset jaxsd
+# generates, with the same VAE, CLIP and UNet classes that run Stable Diffusion
+# (`jaxsd train-tiny`; `docs/tiny_model.md` has the recipe and what it cost).
+# This tutorial takes the recipe apart and runs each piece at a size that finishes in a few
+# minutes:
+#
+# | part | what | how |
+# | --- | --- | --- |
+# | 1 | the data | a seed -> images `[B, 64, 64, 3]` + captions; some combinations held out |
+# | 2 | the VAE's objective | reconstruct the image (L1), keep the latents near N(0, I) (KL) |
+# | 3 | the latent scale | 1 / std of the latents, so that the diffusion sees unit variance |
+# | 4 | the UNet's objective | noise the latents to a random timestep t, predict the noise (MSE) |
+# | 5 | what training buys | the shipped UNet's error per timestep, and its guess of the clean image |
+# | 6 | a training loop | a fresh text encoder + UNet, optax, 100 steps: the loss falls |
+#
+# Parts 2 and 4 are written out by hand and then checked against `jaxsd.training.recipe`, the
+# code that trained the shipped model, so what you read is what ran.
+#
+# Run it as a script (`python tutorials/train_your_own.py`, offline, about four minutes on two CPU
+# cores; the pictures go to `outputs/`) or open it as a notebook with jupytext.
 
-    python tutorials/train_your_own.py          # offline, about two minutes on 2 CPU cores
-
-The built-in `tiny-shapes` model was trained by jaxsd itself, on a captioned dataset jaxsd
-generates, with the same VAE, CLIP and UNet classes that run Stable Diffusion
-(`jaxsd train-tiny`; docs/tiny_model.md has the recipe and what it cost). This script takes the
-recipe apart and runs each piece at a size that finishes in a minute:
-
-    1. the data            a seed -> images [B, 64, 64, 3] + captions; some combinations held out
-    2. the VAE's objective  reconstruct the image (L1), keep the latents near N(0, I) (KL)
-    3. the latent scale     1 / std of the latents, so that the diffusion sees unit variance
-    4. the UNet's objective noise the latents to a random timestep t, predict the noise (MSE)
-    5. what training buys   the shipped UNet's error per timestep, and its guess of the clean image
-    6. a training loop      a fresh text encoder + UNet, optax, 100 steps: the loss falls
-
-Parts 2 and 4 are written out by hand and then checked against `jaxsd.training.recipe`, the code that
-trained the shipped model, so what you read is what ran.
-"""
+# %%
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
 import jaxsd
-from jaxsd.training import recipe
-from jaxsd.training import shapes
+from jaxsd.training import recipe, shapes
 
 out = Path("outputs")
 out.mkdir(exist_ok=True)
-
-
-def save_rows(rows, name):
-    """Rows of uint8 images [64, 64, 3] -> one PNG, three times enlarged."""
-    grid = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(out / name)
-    print("wrote", out / name)
 
 
 def to_uint8(pixels):
@@ -45,43 +42,55 @@ def to_uint8(pixels):
     return np.asarray(jnp.clip((pixels + 1) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
 
 
-# -------------------------------------------------------------------------------------------
-# 1. The data.
+# %% [markdown]
+# ## 1. The data
 #
 # A scene is five integers (foreground colour, background colour, shape, size, position) plus a
 # little random jitter; rendering it is a signed-distance function per shape, anti-aliased over
-# one pixel. Batch i of a dataset is a pure function of (seed, i): a run that stops at step 900
-# and resumes sees exactly the batches it would have seen. Captions vary their wording and leave
-# size or position out now and then, so that "a red circle on blue" also means something.
+# one pixel. Batch $i$ of a dataset is a pure function of (seed, $i$): a run that stops at step
+# 900 and resumes sees exactly the batches it would have seen. Captions vary their wording and
+# leave size or position out now and then, so that "a red circle on blue" also means something.
+
+# %%
 data = shapes.ShapesDataset(seed=0)
 batch = data.batch(0, 8)
 print("images", batch.images.shape, batch.images.dtype)                  # [8, 64, 64, 3] uint8
-for caption in batch.captions[:4]:
-    print("   ", repr(caption))
-save_rows([list(batch.images)], "train_data.png")
+for k, caption in enumerate(batch.captions):
+    print(f"    data {k}: {caption!r}")
+grid = jaxsd.image_grid(batch.images, labels=[f"data {k}" for k in range(8)], columns=4, scale=3,
+                        title="batch 0 of ShapesDataset(seed=0)")
+grid.save(out / "train_data.png")
+grid
 
+# %% [markdown]
 # Some (foreground, background, shape) triples never appear in training: 24 of the 224. Every
 # pair inside them does ("red" with "circle", "red" on "blue"), so the model can only draw a
 # held-out triple by composing words it has seen in other company. The evaluator
 # (`jaxsd evaluate`) asks for exactly those.
+
+# %%
 held_out = shapes.all_triples("heldout")
 print(f"{len(shapes.all_triples('train'))} triples in training, {len(held_out)} held out, e.g.",
       repr(shapes.caption(*held_out[0])))
 
-# -------------------------------------------------------------------------------------------
-# 2. The VAE's objective.
+# %% [markdown]
+# ## 2. The VAE's objective
 #
-# The encoder maps an image to a Gaussian q(z|x) per latent element (a mean and a log-variance),
-# four channels on a grid four times coarser: [8, 64, 64, 3] -> [8, 16, 16, 4]. Training samples
-# z from it (the reparameterisation z = mean + std * eps keeps the sample differentiable),
-# decodes, and pays for
-#     L1     the mean absolute pixel error; L1 rather than squared error, which forgives many
-#            small errors and so prefers a blurred edge to a sharp one slightly misplaced;
-#     KL     the divergence of q(z|x) from N(0, I), weighted 1e-5: just enough to keep the
-#            latents on a sane scale and the posterior smooth, not enough to erase detail.
+# The encoder maps an image to a Gaussian $q(z|x)$ per latent element (a mean and a
+# log-variance), four channels on a grid four times coarser: `[8, 64, 64, 3]` ->
+# `[8, 16, 16, 4]`. Training samples $z$ from it (the reparameterisation
+# $z = mean + std \cdot \epsilon$ keeps the sample differentiable), decodes, and pays for
+#
+# - **L1**, the mean absolute pixel error; L1 rather than squared error, which forgives many
+#   small errors and so prefers a blurred edge to a sharp one slightly misplaced;
+# - **KL**, the divergence of $q(z|x)$ from $N(0, I)$, weighted $10^{-5}$: just enough to keep
+#   the latents on a sane scale and the posterior smooth, not enough to erase detail.
+#
 # The library's loss also weighs the L1 of the pixels along the shape's outline 11 times
-# (edge_weight 10): a small triangle and a small circle differ only there, and with plain L1
+# (`edge_weight` 10): a small triangle and a small circle differ only there, and with plain L1
 # the autoencoder settled for blobs.
+
+# %%
 pipe = jaxsd.StableDiffusion.from_pretrained("tiny-shapes")
 vae, vae_params = pipe.vae, pipe.vae_params
 # The networks' forward passes, each compiled once by XLA (run op by op, they are much slower).
@@ -105,31 +114,50 @@ print(f"latents {z.shape}; L1 {float(l1):.4f} (about {float(l1) * 127.5:.1f}/255
 
 library_objective, _ = jax.jit(lambda x, w, key: recipe.vae_loss(vae, vae_params, x, w, key, kl_weight=1e-5))(x, w, key)
 assert abs(float(vae_objective) - float(library_objective)) < 1e-6, (vae_objective, library_objective)
-save_rows([list(batch.images), list(to_uint8(recon))], "vae_reconstructions.png")
 
-# -------------------------------------------------------------------------------------------
-# 3. The latent scale.
+# %% [markdown]
+# Each image of the batch, and what the VAE makes of it (encoded, sampled, decoded):
+
+# %%
+recon_images = to_uint8(recon)
+pictures, labels = [], []
+for half in (slice(0, 4), slice(4, 8)):                                  # a row of data, a row of reconstructions
+    pictures += list(batch.images[half]) + list(recon_images[half])
+    labels += [f"data {k}" for k in range(8)[half]] + [f"reconstruction {k}" for k in range(8)[half]]
+grid = jaxsd.image_grid(pictures, labels=labels, columns=4, scale=3, title="the VAE: data and reconstruction")
+grid.save(out / "vae_reconstructions.png")
+grid
+
+# %% [markdown]
+# ## 3. The latent scale
 #
 # The diffusion below mixes latents with unit Gaussian noise, so it wants latents of about unit
 # standard deviation. SD scales its VAE's latents by 0.18215; a VAE trained here gets its own
 # factor, 1 / std of the latent means, measured over 512 images once the VAE stage ends and
-# stored as `scaling_factor` in vae/config.json. Eight images give only a rough estimate.
+# stored as `scaling_factor` in `vae/config.json`. Eight images give only a rough estimate.
+
+# %%
 scale = vae.config.scaling_factor
 print(f"scaling_factor {scale:.4f}; 1 / std of this batch's latent means {1 / float(posterior.mean.std()):.4f}")
 
-# -------------------------------------------------------------------------------------------
-# 4. The UNet's objective.
+# %% [markdown]
+# ## 4. The UNet's objective
 #
-# Pick a timestep t in 0..999 per image and noise the scaled latents to it in one jump
+# Pick a timestep $t$ in 0..999 per image and noise the scaled latents to it in one jump
 # (Ho et al., 2020, eq. 4):
-#     z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,       eps ~ N(0, I)
-# The UNet sees z_t, t and the caption's CLIP features and predicts eps; the loss is the mean
-# squared error. Two details of the full run:
-#   - offset noise: eps also gets a constant per image and channel (std 0.3), because at t = 999
-#     a 16 x 16 latent still shows its mean colour through the noise; without the offset the
-#     model learns to read the background colour off the starting noise instead of the prompt.
-#   - caption dropout: 10% of the captions are replaced by "", so that the same network also
-#     predicts eps without a prompt, which classifier-free guidance needs at sampling time.
+#
+# $$z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon, \qquad \epsilon \sim N(0, I)$$
+#
+# The UNet sees $z_t$, $t$ and the caption's CLIP features and predicts $\epsilon$; the loss is
+# the mean squared error. Two details of the full run:
+#
+# - **offset noise**: $\epsilon$ also gets a constant per image and channel (std 0.3), because at
+#   $t = 999$ a 16 x 16 latent still shows its mean colour through the noise; without the offset
+#   the model learns to read the background colour off the starting noise instead of the prompt.
+# - **caption dropout**: 10% of the captions are replaced by "", so that the same network also
+#   predicts $\epsilon$ without a prompt, which classifier-free guidance needs at sampling time.
+
+# %%
 abar = jnp.asarray(recipe.scaled_linear_alphas_cumprod(), jnp.float32)      # [1000], 0.99915 -> 0.0047
 captions = [c if i % 10 else "" for i, c in enumerate(batch.captions)]   # image 0: no caption
 ids = jnp.asarray(jaxsd.tokenize(pipe.tokenizer, captions))                # [8, 77]
@@ -146,11 +174,14 @@ eps_hat = unet(noisy, t, context)
 mse = jnp.square(eps_hat - eps).mean()
 print(f"timesteps {np.asarray(t)}; noise-prediction MSE {float(mse):.4f}")
 
-# The library's loss also trains a small linear probe that must read the colours, the shape,
-# the size and the position (or that the caption does not say them) off the text encoder's
-# pooled output (recipe.attribute_loss explains why: without it the young text encoder
-# collapsed to a constant). The probe is thrown away after training, so it is not in the
-# shipped folder; a fresh one is enough here, with weight 0.
+# %% [markdown]
+# The library's loss also trains a small linear probe that must read the colours, the shape, the
+# size and the position (or that the caption does not say them) off the text encoder's pooled
+# output (`recipe.attribute_loss` explains why: without it the young text encoder collapsed to a
+# constant). The probe is thrown away after training, so it is not in the shipped folder; a fresh
+# one is enough here, with weight 0.
+
+# %%
 head = recipe.init_params(recipe.ATTRIBUTE_HEAD, np.random.default_rng(0), jnp.zeros((1, 64)))
 attributes = shapes.caption_attributes(captions)                          # [8, 5]
 library_loss = jax.jit(lambda latents, ids, attributes, has_caption, key: recipe.diffusion_loss(
@@ -159,14 +190,17 @@ library_loss = jax.jit(lambda latents, ids, attributes, has_caption, key: recipe
 _, metrics = library_loss(latents, ids, attributes, np.array([c != "" for c in captions]), jax.random.key(2))
 assert abs(float(mse) - float(metrics["mse"])) < 1e-5 * float(mse), (mse, metrics["mse"])
 
-# -------------------------------------------------------------------------------------------
-# 5. What training bought.
+# %% [markdown]
+# ## 5. What training bought
 #
-# The same loss at fixed timesteps (without offset noise), on images of held-out triples,
-# against the baseline of predicting eps = 0 (MSE = E[eps^2], about 1). Near t = 999, z_t is
-# nearly all noise and eps is nearly z_t itself: easy. Near t = 0 the noise is a faint layer on
-# a clean image, hard to tell from the image's own fine detail: the error is largest there, in
-# units of eps (in units of the image it is small, as z_t holds only sqrt(1 - abar_t) of eps).
+# The same loss at fixed timesteps (without offset noise), on images of held-out triples, against
+# the baseline of predicting $\epsilon = 0$ (MSE $= E[\epsilon^2]$, about 1). Near $t = 999$,
+# $z_t$ is nearly all noise and $\epsilon$ is nearly $z_t$ itself: easy. Near $t = 0$ the noise is
+# a faint layer on a clean image, hard to tell from the image's own fine detail: the error is
+# largest there, in units of $\epsilon$ (in units of the image it is small, as $z_t$ holds only
+# $\sqrt{1 - \bar\alpha_t}$ of $\epsilon$).
+
+# %%
 held = shapes.ShapesDataset(seed=0, split="heldout").batch(0, 32)
 xh = held.images.astype(np.float32) / 127.5 - 1.0
 zh = encode(xh).mean * scale                                               # [32, 16, 16, 4]
@@ -179,31 +213,44 @@ for step in (10, 100, 300, 500, 700, 900, 999):
     err = float(jnp.square(unet(z_t, jnp.full((32,), step), ctx) - eps).mean())
     print(f"  {step:3d}  {err:13.4f}   {float(jnp.square(eps).mean()):13.4f}")
 
-# From a prediction of eps, the clean latents follow by inverting the noising:
-#     z0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
-# Row 1: four held-out images. Then, for t = 300, 600, 900: what the VAE decodes from z_t, and
-# from the UNet's one-step guess z0_hat. A sampler takes 25 or 50 such guesses, each from a
-# little less noise than the last (tutorials/denoise_by_hand.py). Look at what the shipped
-# model gets right: from t = 300 and 600 it restores the colours and puts the shape in its
-# place, but as a rounded blob, even where the corners still show through the noise; from
-# t = 900 it recovers the background and little else. Its geometry is undertrained.
-rows = [list(held.images[:4])]
+# %% [markdown]
+# From a prediction of $\epsilon$, the clean latents follow by inverting the noising:
+#
+# $$\hat z_0 = (z_t - \sqrt{1 - \bar\alpha_t}\, \hat\epsilon) / \sqrt{\bar\alpha_t}$$
+#
+# The first row of the picture holds four held-out images. Then, for $t$ = 300, 600, 900: what
+# the VAE decodes from $z_t$, and from the UNet's one-step guess $\hat z_0$. A sampler takes 25
+# or 50 such guesses, each from a little less noise than the last (the *Denoising by
+# hand* tutorial). Look at what the shipped model gets right: from $t$ = 300 and 600
+# it restores the colours and puts the shape in its place, but as a rounded blob, even where the
+# corners still show through the noise; from $t$ = 900 it recovers the background and little
+# else. Its geometry is undertrained.
+
+# %%
+pictures = list(held.images[:4])
+labels = [f"held-out data {k}" for k in range(4)]
 for step in (300, 600, 900):
     a = abar[step]
     z_t = jnp.sqrt(a) * zh + jnp.sqrt(1 - a) * eps
     z0_hat = (z_t - jnp.sqrt(1 - a) * unet(z_t, jnp.full((32,), step), ctx)) / jnp.sqrt(a)
-    rows += [list(to_uint8(decode(z_t[:4] / scale))), list(to_uint8(decode(z0_hat[:4] / scale)))]
-save_rows(rows, "what_the_unet_learned.png")
+    pictures += list(to_uint8(decode(z_t[:4] / scale))) + list(to_uint8(decode(z0_hat[:4] / scale)))
+    labels += [f"z_t, t={step}"] * 4 + [f"z0_hat, t={step}"] * 4
+grid = jaxsd.image_grid(pictures, labels=labels, columns=4, scale=3,
+                        title="the shipped UNet: noised latents and its one-step guess")
+grid.save(out / "what_the_unet_learned.png")
+grid
 
-# -------------------------------------------------------------------------------------------
-# 6. A training loop.
+# %% [markdown]
+# ## 6. A training loop
 #
-# A fresh text encoder and UNet (recipe.SMOKE_MODEL: the CI smoke test's sizes, a two-level UNet
-# of 16 and 32 channels), trained on the shipped VAE's latents with the loss of part 4 and
-# AdamW. Parameters are a plain pytree; one jitted function takes a step: encode, noise,
-# predict, differentiate, update. The full run (`jaxsd train-tiny`) adds a warmup and cosine
-# learning rate, an exponential moving average of the weights (what it ships), the attribute
-# probe, checkpoints and resuming; 5,000 steps of 32 images instead of 100 of 16.
+# A fresh text encoder and UNet (`recipe.SMOKE_MODEL`: the CI smoke test's sizes, a two-level
+# UNet of 16 and 32 channels), trained on the shipped VAE's latents with the loss of part 4 and
+# AdamW. Parameters are a plain pytree; one jitted function takes a step: encode, noise, predict,
+# differentiate, update. The full run (`jaxsd train-tiny`) adds a warmup and cosine learning
+# rate, an exponential moving average of the weights (what it ships), the attribute probe,
+# checkpoints and resuming; 5,000 steps of 32 images instead of 100 of 16.
+
+# %%
 small = recipe.SMOKE_MODEL
 text_model, unet_model = jaxsd.CLIPTextModel(small.text), jaxsd.UNet(small.unet)
 rng = np.random.default_rng(0)
@@ -236,6 +283,7 @@ def train_step(params, opt_state, images_uint8, ids, key):
     return optax.apply_updates(params, updates), opt_state, loss
 
 
+# %%
 losses = []
 drop_rng = np.random.default_rng(1)
 for i in range(100):
@@ -249,9 +297,12 @@ for i in range(100):
 first, last = np.mean(losses[:25]), np.mean(losses[-25:])
 assert last < 0.7 * first, f"the loss should fall: {first:.4f} over the first 25 steps, {last:.4f} over the last 25"
 
-# What next: `jaxsd train-tiny runs/mine` trains the whole model from scratch (the VAE stage,
-# then the text encoder + UNet; Ctrl-C and run it again to resume), writes runs/mine/model in
-# diffusers' layout, and `jaxsd evaluate --model runs/mine/model` scores it on the held-out
-# prompts. The shipped model gets colours right 97% of the time with its default sampler but
-# draws the right shape only about a fifth of the time: its geometry wants far more training
-# than 5,000 steps (docs/tiny_model.md, "Quality").
+# %% [markdown]
+# ## What next
+#
+# `jaxsd train-tiny runs/mine` trains the whole model from scratch (the VAE stage, then the text
+# encoder + UNet; Ctrl-C and run it again to resume), writes `runs/mine/model` in diffusers'
+# layout, and `jaxsd evaluate --model runs/mine/model` scores it on the held-out prompts. The
+# shipped model gets colours right 97% of the time with its default sampler but draws the right
+# shape only about a fifth of the time: its geometry wants far more training than 5,000 steps
+# (`docs/tiny_model.md`, "Quality").

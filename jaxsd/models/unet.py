@@ -258,8 +258,8 @@ class TimeEmbedding(nn.Module):
 class UNet(nn.Module):
     """``UNet2DConditionModel`` for SD 1.x/2.x. See the module docstring for the data flow.
 
-    :param config: the architecture (:class:`UNetConfig`).
-    :param dtype: compute dtype (float32 or bfloat16); GroupNorm statistics stay in float32.
+    :ivar config: the architecture (:class:`UNetConfig`).
+    :ivar dtype: compute dtype (float32 or bfloat16); GroupNorm statistics stay in float32.
         Parameters may be stored in another dtype; they are cast to ``dtype`` when used.
     """
     config: UNetConfig

@@ -118,3 +118,56 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
             "load with dtype=jnp.bfloat16 or jnp.float32 instead", 100 * np.isnan(images).mean())
         images = np.nan_to_num(images, nan=-1.0)
     return (np.clip(images * 0.5 + 0.5, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def image_grid(images, labels=None, columns: int | None = None, scale: int = 1,
+               title: str | None = None) -> Image.Image:
+    """Lay pictures out as one labelled grid, for looking at results side by side.
+
+    :param images: a list of images or a batch: PIL images or uint8 / float-in-[0, 1] arrays
+        [H, W, 3] or [B, H, W, 3], all of one size.
+    :param labels: one caption per picture (drawn in the strip above it), or None.
+    :param columns: pictures per row (default: all in one row).
+    :param scale: integer nearest-neighbour upscaling, so that 64 x 64 pictures stay readable.
+    :param title: one line drawn above the whole grid, or None.
+    :returns: a PIL image. Notebooks show it inline when it is a cell's last expression.
+    """
+    from PIL import ImageDraw
+
+    tiles = [np.asarray((x if isinstance(x, Image.Image) else _to_pil(x)).convert("RGB"))
+             for x in _as_list(images, "images")]
+    if not tiles:
+        raise ValueError("images: the list is empty; image_grid needs at least one picture")
+    if len({tile.shape for tile in tiles}) > 1:
+        raise ValueError(f"images: all pictures must have one size; got {sorted({t.shape for t in tiles})}")
+    if labels is not None and len(labels) != len(tiles):
+        raise ValueError(f"labels: {len(labels)} labels for {len(tiles)} pictures; give one per picture")
+    if columns is None:
+        columns = len(tiles)
+    if not isinstance(scale, int) or scale < 1 or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns={columns!r}, scale={scale!r}: both must be integers >= 1")
+    rows = -(-len(tiles) // columns)
+    h, w = tiles[0].shape[0] * scale, tiles[0].shape[1] * scale
+    strip = 14 if labels is not None else 0          # PIL's default font is about 11 px high
+    head = 16 if title is not None else 0
+    gap = 2
+    canvas = Image.new("RGB", (columns * (w + gap) + gap, head + rows * (h + strip + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title is not None:
+        draw.text((gap + 1, 2), title, fill="black")
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, columns)
+        x, y = gap + c * (w + gap), head + gap + r * (h + strip + gap)
+        if labels is not None:
+            draw.text((x + 1, y + 1), _fit(draw, str(labels[k]), w - 2), fill="black")
+        canvas.paste(Image.fromarray(tile).resize((w, h), Image.NEAREST), (x, y + strip))
+    return canvas
+
+
+def _fit(draw, text: str, width: int) -> str:
+    """``text``, cut to ``width`` pixels with a trailing "..." when it is longer."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
