@@ -262,6 +262,17 @@ def _evaluate(args) -> int:
         raise ValueError("--samplers none scores nothing unless --autoencoder is given")
     for name in names:
         sampling.get_sampler(name)  # an unknown name fails before any work, listing the choices
+    # Samplers whose diffusers class cannot run this checkpoint's schedule (e.g. zero terminal
+    # SNR: only some have rescale_betas_zero_snr): an error before any work if asked for by name,
+    # a row saying why if "all" was asked for.
+    unusable = {}
+    for name in names:
+        try:
+            sampling.make_plan(name, args.steps, pipe._sampler_and_schedule(name, args.karras)[1])
+        except ValueError as error:
+            if args.samplers != ["all"]:
+                raise
+            unusable[name] = str(error)
     prompts = shapes.evaluation_prompts()
     print(f"{len(prompts)} held-out prompts, {args.steps} steps, guidance {args.guidance}, "
           f"seed {args.seed}, model {args.model}")
@@ -272,6 +283,9 @@ def _evaluate(args) -> int:
         print(f"| (VAE reconstructions of {s.n} renders) | {s.colors:.1%} | {s.shape:.1%} | "
               f"{s.size:.1%} | {s.position:.1%} | {s.all:.1%} |", flush=True)
     for name in names:
+        if name in unusable:
+            print(f"| {name} | not run: {unusable[name]} | | | | |", flush=True)
+            continue
         with tqdm(total=len(prompts), desc=name, unit="image", leave=False) as bar:
             s = evaluate.evaluate_pipeline(pipe, name, num_steps=args.steps, guidance_scale=args.guidance,
                                            karras=args.karras, seed=args.seed, prompts=prompts,

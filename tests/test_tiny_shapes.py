@@ -119,3 +119,31 @@ def test_evaluate_rejects_unknown_samplers(capsys):
 def test_evaluate_refuses_to_score_nothing(capsys):
     assert main(["evaluate", "--samplers", "none"]) == 2
     assert "--autoencoder" in capsys.readouterr().err
+
+
+def test_evaluate_names_samplers_that_cannot_run_the_schedule(tmp_path, capsys, monkeypatch):
+    """A zero-terminal-SNR folder runs only the samplers whose diffusers class has
+    rescale_betas_zero_snr: one asked for by name is refused before any work; with "all",
+    the others get a row that says why instead of stopping the run half-way."""
+    import shutil
+
+    from jaxsd.training import evaluate
+
+    folder = tmp_path / "ztsnr"
+    shutil.copytree(FOLDER, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    config_path.write_text(json.dumps(config))
+    assert main(["evaluate", "--model", str(folder), "--samplers", "pndm"]) == 2
+    assert "rescale_betas_zero_snr" in capsys.readouterr().err
+
+    ran = []
+    fake = evaluate.Scores(240, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    monkeypatch.setattr(evaluate, "evaluate_pipeline", lambda pipe, name, **kw: ran.append(name) or fake)
+    assert main(["evaluate", "--model", str(folder)]) == 0
+    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert sorted(ran) == sorted(["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]), ran
+    assert all(rows[name].endswith("| 100.0% | 100.0% | 100.0% | 100.0% | 100.0% |") for name in ran)
+    for name in ("pndm", "lms", "heun"):
+        assert "not run:" in rows[name] and "rescale_betas_zero_snr" in rows[name], rows[name]
