@@ -147,7 +147,7 @@ FULL = {"vae": TrainConfig(steps=1_000, batch_size=16, learning_rate=2e-3, warmu
                           ema_decay=0.99, edge_weight=10.0),
         # v-prediction on a zero-terminal-SNR schedule: the first recipe that made the position
         # words move what the UNet draws (docs/tiny_model.md, "Why position fails").
-        "unet": TrainConfig(steps=10_000, batch_size=32, learning_rate=1e-3, warmup_steps=200,
+        "unet": TrainConfig(steps=5_000, batch_size=32, learning_rate=1e-3, warmup_steps=200,
                             prediction_type="v_prediction", zero_terminal_snr=True,
                             latent_pool=32_768)}
 # The diffusers scheduler the exported folder names as its default. Not SD 1.5's PNDM: on the
