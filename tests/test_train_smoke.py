@@ -4,6 +4,8 @@ The CI smoke test: a few steps of each stage must lower the loss. (The full run 
 ``jaxsd train-tiny runs/tiny``; see docs/tiny_model.md.)
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -104,6 +106,10 @@ def test_latent_pool_v_prediction_zero_snr_lower_the_loss_resume_and_export(tmp_
     unet_cfg = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5, latent_pool=96,
                                  prediction_type="v_prediction", zero_terminal_snr=True, min_snr_gamma=5.0)
     train_loop.run_stage("unet", tmp_path, MODEL, unet_cfg, stop_after=20)
+    # Resuming under other settings would silently make it another run: refused, naming them.
+    with pytest.raises(ValueError, match=r"trained with steps=40, learning_rate=0.003; this run asks for "
+                                         r"steps=80, learning_rate=0.001"):
+        train_loop.run_stage("unet", tmp_path, MODEL, dataclasses.replace(unet_cfg, steps=80, learning_rate=1e-3))
     pool = np.load(tmp_path / "latents-96.npz")
     assert pool["moments"].shape == (96, 16, 16, 2 * MODEL.vae.latent_channels)
     assert pool["moments"].dtype == np.float16 and len(pool["fg"]) == 96

@@ -190,6 +190,22 @@ def load_model_config(folder: str | os.PathLike) -> TinyModelConfig | None:
                                               for k, v in saved["unet"].items()}))
 
 
+def _check_same_settings(folder: str | os.PathLike, stage: str, cfg: TrainConfig) -> None:
+    """A checkpoint resumes only under the settings that wrote it: with others (a different
+    ``steps`` reshapes the learning-rate schedule) the run would silently become another one."""
+    path = Path(folder) / f"{stage}.json"
+    saved = json.loads(path.read_text()).get("train") if path.is_file() else None
+    if saved is None:
+        return
+    asked = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    changed = {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
+    if changed:
+        raise ValueError(f"{str(path)!r}: this stage was trained with "
+                         + ", ".join(f"{k}={a!r}" for k, (a, _) in changed.items())
+                         + "; this run asks for " + ", ".join(f"{k}={b!r}" for k, (_, b) in changed.items())
+                         + ". Resume with the settings that wrote the checkpoint, or train into a new folder")
+
+
 def _to_json(config) -> dict:
     return {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
@@ -230,7 +246,10 @@ def run_stage(stage: str, folder: str | os.PathLike, model: TinyModelConfig = TI
         step_fn = lambda state, *batch: unet_step(state, vae_state.ema, *batch, model=model, cfg=cfg)
 
     state = init_state(stage, model, cfg)
-    state = load_checkpoint(folder, stage, state) or state
+    resumed = load_checkpoint(folder, stage, state)
+    if resumed is not None:
+        _check_same_settings(folder, stage, cfg)
+        state = resumed
     start = int(state.step)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     tokenizer = CaptionTokenizer() if stage == "unet" else None
