@@ -58,10 +58,15 @@ def execute(script: Path, notebook: Path, cwd: Path | None = None) -> None:
 
     nb = jupytext.read(script)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    with tempfile.TemporaryDirectory(prefix=f"jaxsd-{script.stem}-") as scratch:
-        folder = Path(cwd) if cwd is not None else Path(scratch)
+    def run(folder):
         NotebookClient(nb, timeout=KERNEL_TIMEOUT_S, kernel_name="python3",
                        resources={"metadata": {"path": str(folder)}}).execute()
+
+    if cwd is not None:
+        run(cwd)
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"jaxsd-{script.stem}-") as scratch:
+            run(scratch)
     nb.metadata["jaxsd"] = {"fingerprint": fingerprint(script)}
     notebook.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, notebook)

@@ -214,7 +214,8 @@ if sched.rescale_betas_zero_snr:
 num_steps, w = 25, 7.5
 spacing = sched.timestep_spacing or "linspace"                            # diffusers' LMS default
 timesteps = schedule.spaced_timesteps(spacing, num_steps, 1000, sched.steps_offset, integer=False)
-sigmas_train = np.sqrt((1 - schedule.alphas_cumprod(sched)) / schedule.alphas_cumprod(sched))
+abar = schedule.alphas_cumprod(sched)                                     # [1000]
+sigmas_train = np.sqrt((1 - abar) / abar)                                 # sigma_t, t = 0..999
 sigmas = np.append(np.interp(timesteps, np.arange(1000), sigmas_train), 0.0)  # [26], descending to 0
 # float32, as diffusers stores them: the coefficients below must see the same numbers
 sigmas = sigmas.astype(np.float32).astype(np.float64)
