@@ -16,6 +16,27 @@ from jaxsd.training import recipe as train, loop as train_loop
 MODEL = train.SMOKE_MODEL
 
 
+# Both UNet tests below train on one VAE stage, trained once: its jitted step compiles once.
+VAE_CFG = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5, edge_weight=10.0)
+
+
+@pytest.fixture(scope="module")
+def vae_stage(tmp_path_factory):
+    """The VAE stage of the smoke model, trained once: (folder, model config with the measured
+    scaling factor, its per-step losses)."""
+    folder = tmp_path_factory.mktemp("vae_stage")
+    _, model, losses = _losses("vae", folder, VAE_CFG)
+    return folder, model, losses
+
+
+def _with_vae(vae_stage, folder):
+    """``folder`` holding a copy of the trained VAE stage's checkpoint, ready for a UNet stage."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vae.msgpack", "vae.json"):
+        (folder / name).write_bytes((vae_stage[0] / name).read_bytes())
+    return folder
+
+
 def _losses(stage, folder, cfg, **kwargs):
     losses = []
     state, model = train_loop.run_stage(stage, folder, MODEL, cfg, save_every=10_000, metrics_every=1,
@@ -60,14 +81,15 @@ def test_learning_rate_warms_up_decays_and_restarts():
     assert float(lr2(199)) == pytest.approx(5e-5, rel=1e-2)
 
 
-def test_both_stages_lower_the_loss_and_resume_exactly(tmp_path):
-    vae_cfg = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5)
-    state, model, losses = _losses("vae", tmp_path, vae_cfg)
-    assert int(state.step) == 40 and len(losses) == 40
+def test_both_stages_lower_the_loss_and_resume_exactly(vae_stage, tmp_path):
+    vae_folder, model, losses = vae_stage
+    vae_cfg = VAE_CFG
+    assert train_loop.saved_step(vae_folder, "vae") == 40 and len(losses) == 40
     # L1 starts near mean |x| ~ 0.5 and must fall (single steps are noisy: compare 5-step means).
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     assert model.vae.scaling_factor != 1.0 and np.isfinite(model.vae.scaling_factor)
-    assert train_loop.load_model_config(tmp_path) == model
+    assert train_loop.load_model_config(vae_folder) == model
+    _with_vae(vae_stage, tmp_path)
 
     unet_cfg = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5)
     # Twice 20 steps, resuming from the checkpoint, then the same 40 steps in one go: identical.
@@ -75,10 +97,7 @@ def test_both_stages_lower_the_loss_and_resume_exactly(tmp_path):
     assert train_loop.saved_step(tmp_path, "unet") == 20
     resumed, _, losses = _losses("unet", tmp_path, unet_cfg)
     assert int(resumed.step) == 40
-    straight_dir = tmp_path / "straight"
-    straight_dir.mkdir()
-    for name in ("vae.msgpack", "vae.json"):
-        (straight_dir / name).write_bytes((tmp_path / name).read_bytes())
+    straight_dir = _with_vae(vae_stage, tmp_path / "straight")
     straight, _, straight_losses = _losses("unet", straight_dir, unet_cfg)
     assert straight_losses[20:] == losses
     jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
@@ -97,12 +116,12 @@ def test_both_stages_lower_the_loss_and_resume_exactly(tmp_path):
     assert exported.scheduler_config["_class_name"] == train.SCHEDULER == "EulerDiscreteScheduler"
 
 
-def test_latent_pool_v_prediction_zero_snr_lower_the_loss_resume_and_export(tmp_path):
+def test_latent_pool_v_prediction_zero_snr_lower_the_loss_resume_and_export(vae_stage, tmp_path):
     """The full preset's UNet stage draws from a pool of pre-encoded scenes; here with
     v-prediction on a zero-terminal-SNR schedule and Min-SNR weights, all at once."""
-    vae_cfg = train.TrainConfig(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=5, edge_weight=10.0)
-    _, model, vae_losses = _losses("vae", tmp_path, vae_cfg)
-    assert all(np.isfinite(vae_losses))
+    _, model, _ = vae_stage
+    vae_cfg = VAE_CFG
+    _with_vae(vae_stage, tmp_path)
     unet_cfg = train.TrainConfig(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5, latent_pool=96,
                                  prediction_type="v_prediction", zero_terminal_snr=True, min_snr_gamma=5.0)
     train_loop.run_stage("unet", tmp_path, MODEL, unet_cfg, stop_after=20)
@@ -114,10 +133,7 @@ def test_latent_pool_v_prediction_zero_snr_lower_the_loss_resume_and_export(tmp_
     assert pool["moments"].shape == (96, 16, 16, 2 * MODEL.vae.latent_channels)
     assert pool["moments"].dtype == np.float16 and len(pool["fg"]) == 96
     resumed, _, losses = _losses("unet", tmp_path, unet_cfg)          # reads the cached pool
-    straight_dir = tmp_path / "straight"
-    straight_dir.mkdir()
-    for name in ("vae.msgpack", "vae.json"):
-        (straight_dir / name).write_bytes((tmp_path / name).read_bytes())
+    straight_dir = _with_vae(vae_stage, tmp_path / "straight")
     straight, _, straight_losses = _losses("unet", straight_dir, unet_cfg)   # encodes it anew
     assert straight_losses[20:] == losses
     jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
