@@ -50,44 +50,62 @@ def test_diffusers_draws_the_same_images_from_the_shipped_folder(tiny, guidance)
     assert max_diff(ours, ref) <= 2
 
 
-def _generate_default(tmp_path):
-    """The README's first command, with the built-in default model: four seeds."""
-    assert main(["generate", "a red circle on a blue background", "--seed", "0", "--batch", "4",
-                 "--steps", "25", "--out", str(tmp_path)]) == 0
-    written = sorted(tmp_path.glob("*.png"))
-    assert len(written) == 4
-    return written
-
-
-def test_generate_with_no_model_writes_images(tmp_path):
-    written = _generate_default(tmp_path)
-    png = Image.open(written[0])
-    assert png.size == (64, 64) and "Model: tiny-shapes" in png.text["parameters"]
-
-
-# One prompt per shape, each colour once, with and without size and position words.
+# One prompt per shape, each colour at most once, with and without size and position words.
 DRAW_PROMPTS = ["a red circle on a blue background", "a yellow square on a purple background, top left",
                 "a large white triangle on a black background", "small green cross on orange, bottom right"]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model is undertrained (model card, euler: 96.7% colours, "
-                   "18.3% shapes); issue 17 retrains it")
-def test_generate_with_no_model_draws_the_prompt(tmp_path):
-    """`jaxsd generate PROMPT` with no model, four seeds per prompt: every image is judged to show
-    the prompt's colours and shape, and its size and position where the prompt names them."""
-    wrong = []
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """The README's first command, with the built-in default model, for each of DRAW_PROMPTS,
+    four seeds each: {prompt: the four PNG paths}."""
+    root = tmp_path_factory.mktemp("generate")
+    written = {}
     for k, prompt in enumerate(DRAW_PROMPTS):
-        out = tmp_path / str(k)
+        out = root / str(k)
         assert main(["generate", prompt, "--seed", "0", "--batch", "4", "--steps", "25", "--out", str(out)]) == 0
+        written[prompt] = sorted(out.glob("*.png"))
+    return written
+
+
+def test_generate_with_no_model_writes_images(drawn):
+    written = drawn[DRAW_PROMPTS[0]]
+    assert len(written) == 4
+    png = Image.open(written[0])
+    assert png.size == (64, 64) and "Model: tiny-shapes" in png.text["parameters"]
+
+
+def test_generate_with_no_model_draws_the_prompt(drawn):
+    """`jaxsd generate PROMPT` with no model, four seeds per prompt (16 images), judged against
+    the issue's goals for the model: colours right in every image, the shape in at least 80%,
+    size and position in at least 70% of the images whose prompt names them.
+
+    Per image the model is not perfect (on 32 seeds of "a red circle on a blue background" the
+    judge saw the colours right in all and a circle in 69%, the rest rounded squares), so a test
+    that every image be right would fail on seeds, not on the model; issue 7's model (shapes
+    16-27%, position at chance) fails this one.
+    """
+    right = {"colours": [], "shape": [], "size": [], "position": []}
+    wrong = []
+    for prompt, paths in drawn.items():
         asked = shapes.parse_caption(prompt)
-        for path in sorted(out.glob("*.png")):
+        for path in paths:
             j = judge(np.asarray(Image.open(path).convert("RGB")))
-            seen = (j.fg, j.bg, j.shape) + tuple(v for v, a in ((j.size, asked.size), (j.position, asked.position))
-                                                 if a is not None)
-            want = (asked.fg, asked.bg, asked.shape) + tuple(a for a in (asked.size, asked.position) if a is not None)
-            if seen != want:
-                wrong.append(f"{prompt!r} {path.name}: judged {seen}, asked {want}")
-    assert not wrong, "\n".join(wrong)
+            checks = {"colours": (j.fg, j.bg) == (asked.fg, asked.bg), "shape": j.shape == asked.shape}
+            if asked.size is not None:
+                checks["size"] = j.size == asked.size
+            if asked.position is not None:
+                checks["position"] = j.position == asked.position
+            for name, ok in checks.items():
+                right[name].append(ok)
+            if not all(checks.values()):
+                wrong.append(f"{prompt!r} {path.name}: judged fg {j.fg} bg {j.bg} shape {j.shape} size {j.size} "
+                             f"position {j.position}; asked {asked}")
+    assert len(right["colours"]) == 16 and len(right["size"]) == len(right["position"]) == 8
+    goals = {"colours": 1.0, "shape": 0.8, "size": 0.7, "position": 0.7}
+    report = "\n".join(wrong)
+    for name, goal in goals.items():
+        assert np.mean(right[name]) >= goal, f"{name}: {np.mean(right[name]):.0%} right, goal {goal:.0%}\n{report}"
 
 
 def test_model_card_figures_reproduce(capsys):

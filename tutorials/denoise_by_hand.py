@@ -134,6 +134,9 @@ jaxsd.image_grid([image], labels=[prompt[:40]], scale=4).save(out / "denoise_by_
 jaxsd.image_grid([image], scale=4)
 
 # %% [markdown]
+# Circles are this small model's weakest shape, often ragged or squarish (the quickstart draws
+# four); its squares, triangles and crosses come out cleaner. Try one of those in the prompt.
+#
 # What the loop believed the clean image was at a few of its steps: each $\hat z_0$ decoded. The
 # first guesses, from almost pure noise, are the average picture for the prompt; the colours come
 # early, the outline last.
