@@ -196,11 +196,13 @@ def _real(config_json, tmp_path_factory, name):
 @pytest.mark.slow
 class TestSD15:
     @pytest.fixture(scope="class")
-    def real(self, tmp_path_factory):
+    @classmethod
+    def real(cls, tmp_path_factory):
         return _real(SD15_CONFIG_JSON, tmp_path_factory, "sd15")
 
     @pytest.fixture(scope="class")
-    def float32_output(self, real):
+    @classmethod
+    def float32_output(cls, real):
         model, params, args, _ = real
         return jax.jit(model.apply)({"params": params}, *args)
 
@@ -221,7 +223,8 @@ class TestSD15:
 @pytest.mark.slow
 class TestSD21:
     @pytest.fixture(scope="class")
-    def real(self, tmp_path_factory):
+    @classmethod
+    def real(cls, tmp_path_factory):
         return _real(SD21_CONFIG_JSON, tmp_path_factory, "sd21")
 
     def test_config_is_the_sd21_preset(self):

@@ -118,7 +118,9 @@ def scheduler_config_json(scheduler: str = "PNDMScheduler", prediction_type: str
               "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
               "clip_sample": False, "timestep_spacing": "leading", **SCHEDULER_KEYS[scheduler]}
     if zero_terminal_snr:
-        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0)
+        # steps_offset stays 1: only "leading" spacing reads it (in diffusers and in jaxsd), and
+        # diffusers' StableDiffusionPipeline warns about and rewrites any other value.
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return config
 
 
