@@ -231,10 +231,14 @@ def _open_image(path):
 
 def _info(args) -> int:
     info = _load(args).info()
+    refused = info.pop("samplers_refused")
     for key, value in info.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v:,}" for k, v in value.items())
         print(f"{key.replace('_', ' ')}: {value}")
+        if key == "samplers" and refused:
+            print(f"samplers refused for this model's schedule: {', '.join(refused)}")
+            print(f"  why, e.g.: {next(iter(refused.values()))}")
     return 0
 
 

@@ -48,6 +48,18 @@ def test_info(sd1_folder, capsys):
     out = capsys.readouterr().out
     assert "prediction type: epsilon" in out and "default scheduler: pndm (PNDMScheduler)" in out
     assert "architecture: custom (text width 32)" in out and "unet " in out
+    assert "samplers: ddim, ddpm, pndm, lms, euler" in out and "refused" not in out
+
+
+def test_info_names_the_samplers_the_built_in_model_refuses(capsys):
+    """tiny-shapes has a zero-terminal-SNR schedule: info lists the seven samplers that run it,
+    then the eight whose diffusers class cannot, and why."""
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "samplers: ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, unipc\n" in out
+    assert ("samplers refused for this model's schedule: pndm, lms, heun, dpm2, dpm2_a, dpmpp_2s, "
+            "dpmpp_sde, deis\n") in out
+    assert "rescale_betas_zero_snr" in out
 
 
 def test_img2img_command(sd1_folder, tmp_path, capsys):

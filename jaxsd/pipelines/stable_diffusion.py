@@ -428,6 +428,13 @@ class StableDiffusion:
         arch = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}.get(D, f"custom (text width {D})")
         if self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1:
             arch += ", inpainting (9-channel UNet)"
+        runs, refused = [], {}
+        for name in sampling.SAMPLERS:       # e.g. a zero-terminal-SNR schedule refuses some
+            try:
+                sampling.make_plan(name, 25, self.schedule)
+                runs.append(name)
+            except ValueError as error:
+                refused[name] = str(error)
         return {
             "source": self.source, "architecture": arch,
             "prediction_type": self.schedule.prediction_type,
@@ -438,7 +445,8 @@ class StableDiffusion:
             "vae_scaling_factor": self.vae.config.scaling_factor,
             "native_size": f"{self.default_size}x{self.default_size} (sizes: multiples of "
                            f"{self.vae_factor * self.latent_multiple})",
-            "samplers": ", ".join(sampling.SAMPLERS),
+            "samplers": ", ".join(runs),
+            "samplers_refused": refused,     # {name: why}: this schedule is one they cannot run
             "device": ", ".join(f"{d.platform}:{d.id} ({d.device_kind})" for d in jax.devices()),
         }
 
