@@ -242,6 +242,38 @@ def _info(args) -> int:
     return 0
 
 
+def _samplers(args) -> int:
+    """Every sampler: its diffusers scheduler, order, cost, noise and the schedules it can run."""
+    import dataclasses
+
+    from jaxsd import sampling
+
+    T = sampling.SD1_CONFIG.num_train_timesteps
+    if not 1 <= args.steps <= T:
+        raise ValueError(f"--steps {args.steps}: must be in [1, {T}]")
+    zero_snr = dataclasses.replace(sampling.SD1_CONFIG, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                   prediction_type="v_prediction")
+
+    karras = dataclasses.replace(sampling.SD1_CONFIG, use_karras_sigmas=True)
+
+    def runs(name, cfg):
+        try:
+            sampling.make_plan(name, args.steps, cfg)
+            return "yes"
+        except ValueError:
+            return "no"
+
+    print(f"| sampler | diffusers scheduler | order | evaluations, {args.steps} steps | fresh noise | "
+          f"Karras sigmas | zero terminal SNR |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, s in sampling.SAMPLERS.items():
+        evals = sampling.make_plan(name, args.steps, sampling.SD1_CONFIG).timesteps.shape[0]
+        noise = "eta x (eta 0 by default)" if name == "ddim" else "every step" if s.stochastic else "no"
+        print(f"| {name} | {s.diffusers} | {s.order} | {evals} | {noise} | "
+              f"{runs(name, karras)} | {runs(name, zero_snr)} |")
+    return 0
+
+
 def _tokenize(args) -> int:
     from jaxsd.checkpoints.tokenizer import load_tokenizer, tokenize
 
@@ -424,6 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="first, a row for the VAE's own reconstructions of renders of the same "
                          "held-out combinations: the ceiling of the samplers' rows")
     ev.set_defaults(run=_evaluate)
+
+    smp = commands.add_parser("samplers", help="list the samplers, what each costs and what it can run")
+    smp.add_argument("--steps", type=int, default=25, help="steps to count the evaluations for (default 25)")
+    smp.set_defaults(run=_samplers)
 
     tok = commands.add_parser("tokenize", help="show the CLIP token ids of a prompt")
     tok.add_argument("prompt")

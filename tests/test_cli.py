@@ -249,3 +249,33 @@ def test_a_batch_gives_each_image_its_own_seed_which_regenerates_it(sd1_folder, 
     assert main(common + ["--seed", "6", "--out", str(tmp_path / "alone")]) == 0
     (alone,) = (tmp_path / "alone").glob("*.png")
     np.testing.assert_array_equal(np.asarray(Image.open(alone)), np.asarray(Image.open(second)))
+
+
+def test_samplers_command_lists_each_with_what_its_diffusers_class_can_do(capsys):
+    """`jaxsd samplers`: one row per sampler; its Karras and zero-terminal-SNR columns are what
+    its diffusers class's config offers, its order diffusers' default `solver_order` (LMS: the
+    default `order` of its step), its evaluations the plan's."""
+    import inspect
+
+    import diffusers
+
+    from jaxsd import sampling
+
+    assert main(["samplers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in lines[2:])}
+    assert list(rows) == list(sampling.SAMPLERS)
+    for name, (_, scheduler, order, evals, _, karras, zero_snr) in rows.items():
+        config = getattr(diffusers, scheduler.split("(")[0])().config
+        assert karras == ("yes" if "use_karras_sigmas" in config else "no"), name
+        assert zero_snr == ("yes" if "rescale_betas_zero_snr" in config else "no"), name
+        assert int(evals) == sampling.make_plan(name, 25, sampling.SD1_CONFIG).timesteps.shape[0], name
+        if "solver_order" in config:
+            assert int(order) == config["solver_order"], name
+    lms_order = inspect.signature(diffusers.LMSDiscreteScheduler.step).parameters["order"].default
+    assert rows["lms"][2] == str(lms_order) and rows["heun"][3] == "49"
+
+
+def test_samplers_command_refuses_a_step_count_out_of_range(capsys):
+    assert main(["samplers", "--steps", "0"]) == 2
+    assert "--steps 0" in capsys.readouterr().err

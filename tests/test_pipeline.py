@@ -118,6 +118,8 @@ def test_bad_inputs_say_what_is_wrong(sd1, caplog):
         sd1.text_to_image(PROMPT, scheduler="eulr", **kw)
     with pytest.raises(ValueError, match="sampler 'pndm' has no Karras sigmas"):
         sd1.text_to_image(PROMPT, karras=True, **kw)
+    with pytest.raises(ValueError, match=r"sampler 'euler_a' has no Karras sigmas.*'euler', 'heun'"):
+        sd1.text_to_image(PROMPT, scheduler="euler_a", karras=True, **kw)
     with pytest.raises(ValueError, match=r"latents has shape \(1, 4, 4, 4\)"):
         sd1.text_to_image(PROMPT, latents=np.zeros((1, 4, 4, 4), np.float32), **kw)
     long_prompt = " ".join(["horse"] * 80) + " zebra"

@@ -30,7 +30,7 @@ from jaxsd.pipelines.encoding import PromptEmbeddings
 from jaxsd.sampling.schedule import ScheduleConfig
 
 OUTPUTS = ("images", "latents", "trajectory")
-NO_KARRAS = ("ddim", "ddpm", "pndm")  # samplers whose diffusers scheduler has no use_karras_sigmas
+NO_KARRAS = ("ddim", "ddpm", "pndm", "euler_a")  # samplers whose diffusers scheduler has no use_karras_sigmas
 
 
 # The largest height or width jaxsd accepts. SD's VAE decoder holds a few float32 tensors of

@@ -40,6 +40,7 @@ class Sampler:
     init: Callable[[jax.Array], Any]  # latents -> initial state (a flax.struct dataclass)
     step: Callable[..., Any]  # (state, model_output, c, noise) -> state, pure
     stochastic: bool = False  # draws fresh Gaussian noise at every evaluation
+    order: int = 1  # the order of the method as diffusers configures it by default
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
@@ -48,26 +49,26 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("ddpm", "DDPMScheduler", ddpm.ddpm_plan, ddpm.init_latent_state, ddpm.ddpm_step,
             stochastic=True),
     Sampler("pndm", "PNDMScheduler(skip_prk_steps=True)", ddpm.pndm_plan, ddpm.init_pndm_state,
-            ddpm.pndm_step),
-    Sampler("lms", "LMSDiscreteScheduler", kd.lms_plan, kd.init_lms_state, kd.lms_step),
+            ddpm.pndm_step, order=4),
+    Sampler("lms", "LMSDiscreteScheduler", kd.lms_plan, kd.init_lms_state, kd.lms_step, order=4),
     Sampler("euler", "EulerDiscreteScheduler", kd.euler_plan, kd.init_k_state, kd.k_step),
     Sampler("euler_a", "EulerAncestralDiscreteScheduler", kd.euler_a_plan, kd.init_k_state,
             kd.k_step, stochastic=True),
-    Sampler("heun", "HeunDiscreteScheduler", kd.heun_plan, kd.init_k_state, kd.k_step),
-    Sampler("dpm2", "KDPM2DiscreteScheduler", kd.dpm2_plan, kd.init_k_state, kd.k_step),
+    Sampler("heun", "HeunDiscreteScheduler", kd.heun_plan, kd.init_k_state, kd.k_step, order=2),
+    Sampler("dpm2", "KDPM2DiscreteScheduler", kd.dpm2_plan, kd.init_k_state, kd.k_step, order=2),
     Sampler("dpm2_a", "KDPM2AncestralDiscreteScheduler", kd.dpm2_a_plan, kd.init_k_state,
-            kd.k_step, stochastic=True),
+            kd.k_step, stochastic=True, order=2),
     Sampler("dpmpp_2m", "DPMSolverMultistepScheduler", dpm.dpmpp_2m_plan,
-            dpm.init_multistep_state, dpm.dpm_multistep_step),
+            dpm.init_multistep_state, dpm.dpm_multistep_step, order=2),
     Sampler("dpmpp_2m_sde", 'DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")',
             dpm.dpmpp_2m_sde_plan, dpm.init_multistep_state, dpm.dpm_multistep_step,
-            stochastic=True),
+            stochastic=True, order=2),
     Sampler("dpmpp_2s", "DPMSolverSinglestepScheduler", dpm.dpmpp_2s_plan,
-            dpm.init_multistep_state, dpm.dpm_singlestep_step),
+            dpm.init_multistep_state, dpm.dpm_singlestep_step, order=2),
     Sampler("dpmpp_sde", "DPMSolverSDEScheduler", dpm.dpmpp_sde_plan, kd.init_k_state,
-            dpm.dpmpp_sde_step, stochastic=True),
-    Sampler("unipc", "UniPCMultistepScheduler", ud.unipc_plan, ud.init_unipc_state, ud.unipc_step),
-    Sampler("deis", "DEISMultistepScheduler", ud.deis_plan, ud.init_deis_state, ud.deis_step),
+            dpm.dpmpp_sde_step, stochastic=True, order=2),
+    Sampler("unipc", "UniPCMultistepScheduler", ud.unipc_plan, ud.init_unipc_state, ud.unipc_step, order=2),
+    Sampler("deis", "DEISMultistepScheduler", ud.deis_plan, ud.init_deis_state, ud.deis_step, order=2),
 ]}
 
 
