@@ -116,6 +116,8 @@ def test_bad_inputs_say_what_is_wrong(sd1, caplog):
         sd1.text_to_image(["a", "b"], negative_prompt=["x", "y", "z"], **kw)
     with pytest.raises(ValueError, match="unknown sampler='eulr'"):
         sd1.text_to_image(PROMPT, scheduler="eulr", **kw)
+    with pytest.raises(ValueError, match="eta=0.3 is DDIM's: sampler 'pndm' has none"):
+        sd1.text_to_image(PROMPT, eta=0.3, **kw)
     with pytest.raises(ValueError, match="sampler 'pndm' has no Karras sigmas"):
         sd1.text_to_image(PROMPT, karras=True, **kw)
     with pytest.raises(ValueError, match=r"sampler 'euler_a' has no Karras sigmas.*'euler', 'heun'"):

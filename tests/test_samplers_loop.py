@@ -32,9 +32,10 @@ def python_loop(name, num_steps, cfg, latents, key, eta=0.0):
 @pytest.mark.parametrize("name", sorted(sampling.SAMPLERS))
 def test_scan_equals_python_loop(name):
     cfg = ScheduleConfig.from_config(CONFIGS["sd1"])
+    eta = 0.5 if name == "ddim" else 0.0   # only DDIM has an eta
     scanned = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=7,
-                              schedule=cfg, key=KEY, eta=0.5).latents
-    looped = python_loop(name, 7, cfg, LATENTS, KEY, eta=0.5)
+                              schedule=cfg, key=KEY, eta=eta).latents
+    looped = python_loop(name, 7, cfg, LATENTS, KEY, eta=eta)
     np.testing.assert_allclose(scanned, looped, rtol=1e-6, atol=1e-6)
 
 
@@ -153,3 +154,9 @@ def test_first_step_for_strength_is_diffusers_get_timesteps():
     assert sampling.first_step_for_strength(euler, 50, 1.0) == 0
     # the traced float32 version is one step off here (documented)
     assert int(sampling.first_step_for_strength(euler, 50, jnp.float32(0.58))) == 21
+
+
+def test_eta_with_a_sampler_that_has_none_is_refused():
+    with pytest.raises(ValueError, match=r"eta=0\.5 is DDIM's: sampler 'euler' has none"):
+        sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="euler", num_steps=3, schedule=SD1_CONFIG,
+                        eta=0.5)

@@ -215,7 +215,7 @@ class StableDiffusion:
             schedule = dataclasses.replace(schedule, use_karras_sigmas=True)
         return name, schedule
 
-    def _check_run_args(self, num_steps, guidance_scale, guidance_rescale, eta, seed):
+    def _check_run_args(self, num_steps, guidance_scale, guidance_rescale, eta, seed, scheduler):
         """The arguments every entry point shares, checked before any work."""
         T = self.schedule.num_train_timesteps
         if isinstance(num_steps, (bool, np.bool_)) or not isinstance(num_steps, (int, np.integer)) \
@@ -227,6 +227,10 @@ class StableDiffusion:
             if not _is_real(value) or not low <= value <= high:
                 where = "a finite number" if math.isinf(high) else f"a number in [{low:g}, {high:g}]"
                 raise ValueError(f"{name}={value!r} must be {where}")
+        sampler = self.scheduler if scheduler is None else scheduler
+        if eta != 0 and sampler != "ddim":
+            raise ValueError(f"eta={eta!r} is DDIM's: sampler {sampler!r} has none (diffusers passes eta "
+                             f"only to a scheduler whose step takes it); leave it 0 or use scheduler='ddim'")
         key_from_seed(seed)
 
     def _check_size(self, height, width):
@@ -295,7 +299,7 @@ class StableDiffusion:
         :param output: "images" (uint8), "latents" (the final scaled latents) or "trajectory"
             (the latents after every UNet evaluation, [E, B, h, w, 4]).
         """
-        self._check_run_args(num_steps, guidance_scale, guidance_rescale, eta, seed)
+        self._check_run_args(num_steps, guidance_scale, guidance_rescale, eta, seed, scheduler)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         self._check_size(height, width)
@@ -358,7 +362,7 @@ class StableDiffusion:
         kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                   seed=seed, guidance_scale=guidance_scale)
-        self._check_run_args(num_steps, guidance_scale, guidance_rescale, eta, seed)
+        self._check_run_args(num_steps, guidance_scale, guidance_rescale, eta, seed, scheduler)
         _, first_step = self._first_step(strength, num_steps, scheduler, karras)
         height, width, emb, keys = self._prepare(image, height, width, prompt, kw)
         B = emb.cond.shape[0]
@@ -382,7 +386,7 @@ class StableDiffusion:
         channels. Ordinary 4-channel UNets denoise everything, and after every step the known
         region is replaced by the image's latents noised to the next step's level.
         """
-        self._check_run_args(num_steps, guidance_scale, 0.0, eta, seed)
+        self._check_run_args(num_steps, guidance_scale, 0.0, eta, seed, scheduler)
         imgs.check_mask_matches(image, mask)
         kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,

@@ -162,7 +162,8 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     :param num_steps: the number of inference steps N (evaluations: N, 2N - 1 or N + 1).
     :param schedule: the checkpoint's `ScheduleConfig`.
     :param key: PRNG key for the stochastic samplers (evaluation i uses `step_noise(key, i, ...)`).
-    :param eta: DDIM's eta (traced; other samplers ignore it).
+    :param eta: DDIM's eta (traced). Only 'ddim' has one (diffusers passes eta only to a
+        scheduler whose step takes it); a nonzero eta with another sampler is refused.
     :param init_latents: img2img: the encoded image latents; `first_step` evaluations are skipped.
     :param first_step: evaluations to skip (traced); see `first_step_for_strength`.
     :param return_trajectory: also return the latents after every evaluation.
@@ -173,6 +174,9 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
         inside the scan by an ordered host callback.
     """
     s = get_sampler(sampler)
+    if s.name != "ddim" and not isinstance(eta, jax.core.Tracer) and np.any(np.asarray(eta) != 0):
+        raise ValueError(f"eta={eta!r} is DDIM's: sampler {s.name!r} has none (diffusers' {s.diffusers} "
+                         f"takes no eta); leave it 0 or use sampler='ddim'")
     plan = make_plan(sampler, num_steps, schedule)
     if key is None:
         key = jax.random.key(0)
