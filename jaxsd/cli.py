@@ -253,15 +253,8 @@ def _samplers(args) -> int:
         raise ValueError(f"--steps {args.steps}: must be in [1, {T}]")
     zero_snr = dataclasses.replace(sampling.SD1_CONFIG, rescale_betas_zero_snr=True, timestep_spacing="trailing",
                                    prediction_type="v_prediction")
-
     karras = dataclasses.replace(sampling.SD1_CONFIG, use_karras_sigmas=True)
-
-    def runs(name, cfg):
-        try:
-            sampling.make_plan(name, args.steps, cfg)
-            return "yes"
-        except ValueError:
-            return "no"
+    runs = lambda name, cfg: "no" if sampling.refusal(name, cfg, args.steps) else "yes"
 
     print(f"| sampler | diffusers scheduler | order | evaluations, {args.steps} steps | fresh noise | "
           f"Karras sigmas | zero terminal SNR |")
@@ -303,12 +296,11 @@ def _evaluate(args) -> int:
     # a row saying why if "all" was asked for.
     unusable = {}
     for name in names:
-        try:
-            sampling.make_plan(name, args.steps, pipe._sampler_and_schedule(name, args.karras)[1])
-        except ValueError as error:
-            if args.samplers != ["all"]:
-                raise
-            unusable[name] = str(error)
+        why = sampling.refusal(name, pipe._sampler_and_schedule(name, args.karras)[1], args.steps)
+        if why is not None and args.samplers != ["all"]:
+            raise ValueError(why)
+        if why is not None:
+            unusable[name] = why
     prompts = shapes.evaluation_prompts()
     print(f"{len(prompts)} held-out prompts, {args.steps} steps, guidance {args.guidance}, "
           f"seed {args.seed}, model {args.model}")

@@ -227,10 +227,7 @@ class StableDiffusion:
             if not _is_real(value) or not low <= value <= high:
                 where = "a finite number" if math.isinf(high) else f"a number in [{low:g}, {high:g}]"
                 raise ValueError(f"{name}={value!r} must be {where}")
-        sampler = self.scheduler if scheduler is None else scheduler
-        if eta != 0 and sampler != "ddim":
-            raise ValueError(f"eta={eta!r} is DDIM's: sampler {sampler!r} has none (diffusers passes eta "
-                             f"only to a scheduler whose step takes it); leave it 0 or use scheduler='ddim'")
+        sampling.check_eta(self.scheduler if scheduler is None else scheduler, eta)
         key_from_seed(seed)
 
     def _check_size(self, height, width):
@@ -432,13 +429,7 @@ class StableDiffusion:
         arch = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}.get(D, f"custom (text width {D})")
         if self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1:
             arch += ", inpainting (9-channel UNet)"
-        runs, refused = [], {}
-        for name in sampling.SAMPLERS:       # e.g. a zero-terminal-SNR schedule refuses some
-            try:
-                sampling.make_plan(name, 25, self.schedule)
-                runs.append(name)
-            except ValueError as error:
-                refused[name] = str(error)
+        why = {name: sampling.refusal(name, self.schedule) for name in sampling.SAMPLERS}
         return {
             "source": self.source, "architecture": arch,
             "prediction_type": self.schedule.prediction_type,
@@ -449,8 +440,8 @@ class StableDiffusion:
             "vae_scaling_factor": self.vae.config.scaling_factor,
             "native_size": f"{self.default_size}x{self.default_size} (sizes: multiples of "
                            f"{self.vae_factor * self.latent_multiple})",
-            "samplers": ", ".join(runs),
-            "samplers_refused": refused,     # {name: why}: this schedule is one they cannot run
+            "samplers": ", ".join(name for name, no in why.items() if no is None),
+            "samplers_refused": {name: no for name, no in why.items() if no is not None},  # {name: why}
             "device": ", ".join(f"{d.platform}:{d.id} ({d.device_kind})" for d in jax.devices()),
         }
 

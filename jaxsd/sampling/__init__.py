@@ -11,10 +11,11 @@ checkpoints. Read in this order:
     unipc_deis.py   unipc, deis
     loop.py         names -> samplers, and the whole loop as one jitted ``jax.lax.scan``
 """
-from jaxsd.sampling.loop import (SAMPLER_OF_SCHEDULER, SAMPLERS, Sampled, Sampler, add_noise, default_sampler,
-                                 first_step_for_strength, get_sampler, make_plan, sample, step_noise)
+from jaxsd.sampling.loop import (SAMPLER_OF_SCHEDULER, SAMPLERS, Sampled, Sampler, add_noise, check_eta,
+                                 default_sampler, first_step_for_strength, get_sampler, make_plan, refusal,
+                                 sample, step_noise)
 from jaxsd.sampling.schedule import SD1_CONFIG, SD2_V_CONFIG, ScheduleConfig
 
 __all__ = ["SAMPLERS", "SAMPLER_OF_SCHEDULER", "Sampled", "Sampler", "ScheduleConfig", "SD1_CONFIG",
-           "SD2_V_CONFIG", "add_noise", "default_sampler", "first_step_for_strength", "get_sampler",
-           "make_plan", "sample", "step_noise"]
+           "SD2_V_CONFIG", "add_noise", "check_eta", "default_sampler", "first_step_for_strength",
+           "get_sampler", "make_plan", "refusal", "sample", "step_noise"]

@@ -114,6 +114,25 @@ def make_plan(sampler: str, num_steps: int, schedule: ScheduleConfig) -> Plan:
     return s.plan(schedule, int(num_steps))
 
 
+def refusal(sampler: str, schedule: ScheduleConfig, num_steps: int = 25) -> str | None:
+    """Why ``sampler`` cannot run ``schedule`` (its diffusers class lacks an option the schedule
+    uses, e.g. zero terminal SNR or Karras sigmas), or None when it can."""
+    try:
+        make_plan(sampler, num_steps, schedule)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def check_eta(sampler: str, eta) -> None:
+    """Only DDIM has an eta (diffusers passes it only to a scheduler whose step takes it): a
+    nonzero one for another sampler is refused, not ignored. A traced eta is not checked."""
+    s = get_sampler(sampler)
+    if s.name != "ddim" and not isinstance(eta, jax.core.Tracer) and np.any(np.asarray(eta) != 0):
+        raise ValueError(f"eta={eta!r} is DDIM's: sampler {s.name!r} has none (diffusers' {s.diffusers} "
+                         f"takes no eta); leave it 0 or use the sampler 'ddim'")
+
+
 def step_noise(key: jax.Array, i, shape) -> jax.Array:
     """The Gaussian noise a stochastic sampler uses at evaluation i (float32)."""
     return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
@@ -174,9 +193,7 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
         inside the scan by an ordered host callback.
     """
     s = get_sampler(sampler)
-    if s.name != "ddim" and not isinstance(eta, jax.core.Tracer) and np.any(np.asarray(eta) != 0):
-        raise ValueError(f"eta={eta!r} is DDIM's: sampler {s.name!r} has none (diffusers' {s.diffusers} "
-                         f"takes no eta); leave it 0 or use sampler='ddim'")
+    check_eta(sampler, eta)
     plan = make_plan(sampler, num_steps, schedule)
     if key is None:
         key = jax.random.key(0)
