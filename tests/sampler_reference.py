@@ -46,6 +46,10 @@ CONFIGS = {
     "sd2_v": SD2_V,
     "trailing": dict(SD1, timestep_spacing="trailing"),
     "karras": dict(SD1, use_karras_sigmas=True),
+    # Not SD: the DDPM paper's linear betas over a longer training schedule, and Nichol &
+    # Dhariwal's cosine schedule, where 1 - alpha_bar at small t is smallest (~4e-5).
+    "linear_1100": {"beta_schedule": "linear", "num_train_timesteps": 1100, "steps_offset": 1},
+    "cosine": {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"},
 }
 
 

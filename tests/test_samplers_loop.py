@@ -39,6 +39,36 @@ def test_scan_equals_python_loop(name):
     np.testing.assert_allclose(scanned, looped, rtol=1e-6, atol=1e-6)
 
 
+def test_pndm_runge_kutta_scan_equals_python_loop():
+    cfg = ScheduleConfig.from_config(dict(CONFIGS["sd1"], skip_prk_steps=False))
+    scanned = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="pndm", num_steps=7,
+                              schedule=cfg, key=KEY).latents
+    np.testing.assert_allclose(scanned, python_loop("pndm", 7, cfg, LATENTS, KEY), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["euler", "pndm", "dpmpp_2m"])
+def test_schedules_share_one_program(name):
+    """Betas, training length, spacing and sigma schedules are numbers: one compiled program."""
+    configs = [dict(CONFIGS["linear_1100"], skip_prk_steps=True),
+               dict(CONFIGS["cosine"], skip_prk_steps=True), CONFIGS["trailing"], CONFIGS["sd2_v"]]
+    if name != "pndm":
+        configs.append(CONFIGS["karras"])
+    run = lambda raw: sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=6,
+                                      schedule=ScheduleConfig.from_config(raw), key=KEY).latents
+    first = run(CONFIGS["sd1"])
+    size = sampling._sample_jit._cache_size()
+    outs = [run(raw) for raw in configs]
+    assert sampling._sample_jit._cache_size() == size
+    assert all(not np.allclose(first, out) for out in outs)
+
+
+def test_pndm_runge_kutta_refuses_img2img():
+    cfg = ScheduleConfig.from_config(dict(CONFIGS["sd1"], skip_prk_steps=False))
+    with pytest.raises(ValueError, match=r"'pndm' with skip_prk_steps=False.*first_step=3"):
+        sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="pndm", num_steps=7, schedule=cfg,
+                        init_latents=jnp.asarray(LATENTS), first_step=3)
+
+
 def guided_model(x, t, cond, scale):
     """Classifier-free guidance over a fake model, with traced extra arguments."""
     uncond = jax_model(x, t)

@@ -106,22 +106,23 @@ def ddpm_step(state: LatentState, model_output, c, noise) -> LatentState:
     return LatentState(x=c["c0"] * x0 + c["c1"] * x + c["std"] * noise)
 
 
-# --- PNDM (PLMS only, as SD's skip_prk_steps=True) -------------------------------------------
+# --- PNDM: Runge-Kutta warm-up (PRK) then PLMS -----------------------------------------------
 
 
 @struct.dataclass
 class PNDMState:
-    """State of PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models")."""
+    """State of PNDM (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models")."""
 
     x: jnp.ndarray  # [B, H, W, C] the current sample
     outputs: jnp.ndarray  # [4, B, H, W, C] past model outputs, newest first (diffusers' ets)
-    x_start: jnp.ndarray  # [B, H, W, C] the sample before the first step, reused by the second
+    x_start: jnp.ndarray  # [B, H, W, C] the sample a multi-evaluation step starts from
+    acc: jnp.ndarray  # [B, H, W, C] PRK: the Runge-Kutta sum 1/6 e1 + 1/3 e2 + 1/3 e3 so far
     count: jnp.ndarray  # [] int32, evaluations done so far (diffusers' counter)
 
 
 def init_pndm_state(x):
     return PNDMState(x=x, outputs=jnp.zeros((4,) + x.shape, x.dtype), x_start=x,
-                     count=jnp.zeros((), jnp.int32))
+                     acc=jnp.zeros_like(x), count=jnp.zeros((), jnp.int32))
 
 
 # Weights of (this output, outputs[0..3]) by count (rows 0..4): count 0 uses the output as is;
@@ -136,47 +137,92 @@ PLMS_WEIGHTS = np.array([
 ])
 
 
+def _transfer(cfg, alpha, t_from, t_to):
+    """Liu et al. 2022 eq. 11, the DDIM step as a "transfer" phi, as x' = k_x x + k_out output:
+    x' = sqrt(a'/a) x - (a' - a) eps / (a sqrt(1 - a') + sqrt(a (1 - a) a'))."""
+    a, a_prev = alpha(t_from), alpha(t_to)
+    g = (a_prev - a) / (a * np.sqrt(1 - a_prev) + np.sqrt(a * (1 - a) * a_prev))
+    eps_x, eps_out = eps_coefficients(cfg.prediction_type, np.sqrt(a), np.sqrt(1 - a))
+    return np.sqrt(a_prev / a) - g * eps_x, -g * eps_out
+
+
 def pndm_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
-    """PNDMScheduler with skip_prk_steps=True: N + 1 evaluations, the second timestep repeated."""
+    """PNDMScheduler. skip_prk_steps=True (SD's config): PLMS alone, N + 1 evaluations, the second
+    timestep repeated. skip_prk_steps=False (diffusers' default): the first three steps are
+    Runge-Kutta steps of four evaluations each (PRK), then PLMS: N + 9 evaluations."""
     require(cfg, "pndm", "PNDMScheduler", prediction_types=("epsilon", "v_prediction"))
-    if not cfg.skip_prk_steps:
-        raise ValueError("sampler 'pndm' implements PLMS only: set skip_prk_steps=True (as SD's "
-                         f"scheduler_config.json does); got skip_prk_steps={cfg.skip_prk_steps!r}")
     spacing = cfg.timestep_spacing or "leading"
     T = cfg.num_train_timesteps
     ts = S.spaced_timesteps(spacing, num_steps, T, cfg.steps_offset)[::-1]  # ascending
-    t = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]  # descending, t_1 twice
     ab = S.alphas_cumprod(cfg)
     final = ab[0] if not cfg.set_alpha_to_one else 1.0
     r = T // num_steps
     alpha = lambda tt: np.where(tt >= 0, ab[np.clip(tt, 0, T - 1)], final)
+    if cfg.skip_prk_steps:
+        t = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]  # descending, t_1 twice
+        k_x, k_out = _transfer(cfg, alpha, t, t - r)
+        # diffusers' second evaluation (count 1) redoes the first step: from t + r to t.
+        k_x1, k_out1 = _transfer(cfg, alpha, np.minimum(t + r, T - 1), t)
+        zeros = np.zeros(len(t))
+        consts = dict(k_x=k_x, k_out=k_out, k_x1=k_x1, k_out1=k_out1, prk=zeros,
+                      rk_start=zeros, rk_in=zeros, rk_out=zeros, rk_acc=zeros)
+        return make_plan(t, np.ones(len(t)), consts, *_alpha_noise(ab[t]), 1.0)
 
-    def update(t_from, t_to):
-        # Liu et al. 2022 eq. 11 (the DDIM step as a "transfer" phi):
-        # x' = sqrt(a'/a) x - (a' - a) eps / (a sqrt(1 - a') + sqrt(a (1 - a) a'))
-        a, a_prev = alpha(t_from), alpha(t_to)
-        g = (a_prev - a) / (a * np.sqrt(1 - a_prev) + np.sqrt(a * (1 - a) * a_prev))
-        eps_x, eps_out = eps_coefficients(cfg.prediction_type, np.sqrt(a), np.sqrt(1 - a))
-        return np.sqrt(a_prev / a) - g * eps_x, -g * eps_out  # x' = k_x x + k_out combined_output
-
-    k_x, k_out = update(t, t - r)
-    # diffusers' second evaluation (count 1) redoes the first step: from t + r to t.
-    k_x1, k_out1 = update(np.minimum(t + r, T - 1), t)
-    consts = dict(k_x=k_x, k_out=k_out, k_x1=k_x1, k_out1=k_out1)
-    noise_a, noise_b = _alpha_noise(ab[t])
-    return make_plan(t, np.ones(len(t)), consts, noise_a, noise_b, 1.0)
+    if num_steps < 4:
+        raise ValueError(f"sampler 'pndm' with skip_prk_steps=False (its Runge-Kutta warm-up takes "
+                         f"three steps, then PLMS) needs num_steps >= 4, got num_steps={num_steps} "
+                         "(diffusers fails there too); use skip_prk_steps=True or more steps")
+    # PRK: step k goes from s_k = ts[-1-k] to ts[-2-k] in four evaluations at diffusers'
+    # timesteps (s, m, m, e) with m = e + h, h = r // 2; each evaluation j moves x_start (the
+    # sample at s) with the transfer from s to its own target, and the fourth uses the classic
+    # RK4 combination 1/6 e0 + 1/3 e1 + 1/3 e2 + 1/6 e3 (Liu et al. 2022 eq. 13).
+    h = r // 2
+    t_eval, t_start, t_to, j = [], [], [], []
+    for k in range(3):
+        s_k, e_k = ts[-1 - k], ts[-2 - k]
+        evals = [s_k, e_k + h, e_k + h, e_k]
+        t_eval += evals
+        t_start += [s_k] * 4
+        # diffusers: target = t_eval - h on even counters, t_eval on odd ones.
+        t_to += [evals[0] - h, evals[1], evals[2] - h, evals[3]]
+        j += [0, 1, 2, 3]
+    t_plms = ts[:-3][::-1]  # descending, from ts[-4]
+    t = np.concatenate([t_eval, t_plms]).astype(np.int64)
+    k_x, k_out = _transfer(cfg, alpha, np.concatenate([t_start, t_plms]),
+                           np.concatenate([t_to, t_plms - r]))
+    n_rk, n = 12, len(t)
+    j = np.array(j)
+    rk = lambda values: np.concatenate([values, np.zeros(n - n_rk)])
+    consts = dict(
+        k_x=k_x, k_out=k_out, k_x1=np.zeros(n), k_out1=np.zeros(n),  # no PLMS restart after PRK
+        prk=rk(np.ones(n_rk)),
+        rk_start=rk(j == 0),  # x_start = x; the output joins `outputs` (diffusers' ets)
+        rk_in=rk(np.array([1 / 6, 1 / 3, 1 / 3, 0])[j]),  # added to the running RK sum
+        rk_out=rk(np.array([1, 1, 1, 1 / 6])[j]),  # weight of this output in the update
+        rk_acc=rk(j == 3),  # the fourth evaluation adds the sum (and clears it)
+    )
+    return make_plan(t, np.ones(n), consts, *_alpha_noise(ab[t]), 1.0)
 
 
 def pndm_step(state: PNDMState, model_output, c, noise) -> PNDMState:
-    """Liu et al. 2022 Alg. 2 (PLMS), with diffusers' warmup of the first two evaluations."""
+    """Liu et al. 2022 Alg. 2 (PLMS), with diffusers' warmup: PRK (Alg. 1) or, with
+    skip_prk_steps, the restart of the first two evaluations."""
     del noise
     n = state.count
+    prk = c["prk"] > 0
     stored = jnp.concatenate([model_output[None], state.outputs[:3]])
-    outputs = jnp.where(n == 1, state.outputs, stored)  # count 1 does not store its output
+    # PLMS: count 1 (the restart) does not store its output; PRK stores the first of every four.
+    outputs = jnp.where(prk, jnp.where(c["rk_start"] > 0, stored, state.outputs),
+                        jnp.where(n == 1, state.outputs, stored))
     w = jnp.asarray(PLMS_WEIGHTS, jnp.float32)[jnp.minimum(n, 4)]
-    combined = w[0] * model_output + jnp.einsum("k,k...->...", w[1:], outputs)
-    x = jnp.where(n == 1, state.x_start, state.x)
-    k_x = jnp.where(n == 1, c["k_x1"], c["k_x"])
-    k_out = jnp.where(n == 1, c["k_out1"], c["k_out"])
-    return PNDMState(x=k_x * x + k_out * combined, outputs=outputs,
-                     x_start=jnp.where(n == 0, state.x, state.x_start), count=n + 1)
+    plms = w[0] * model_output + jnp.einsum("k,k...->...", w[1:], outputs)
+    rk = c["rk_acc"] * state.acc + c["rk_out"] * model_output
+    combined = jnp.where(prk, rk, plms)
+    x_start = jnp.where(prk, jnp.where(c["rk_start"] > 0, state.x, state.x_start),
+                        jnp.where(n == 0, state.x, state.x_start))
+    x = jnp.where(prk | (n == 1), x_start, state.x)
+    k_x = jnp.where(~prk & (n == 1), c["k_x1"], c["k_x"])
+    k_out = jnp.where(~prk & (n == 1), c["k_out1"], c["k_out"])
+    acc = jnp.where(c["rk_acc"] > 0, 0.0, state.acc + c["rk_in"] * model_output)
+    return PNDMState(x=k_x * x + k_out * combined, outputs=outputs, x_start=x_start, acc=acc,
+                     count=n + 1)

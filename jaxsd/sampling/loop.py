@@ -27,6 +27,7 @@ from jaxsd.sampling import dpm_solver as dpm
 from jaxsd.sampling import k_diffusion as kd
 from jaxsd.sampling import unipc_deis as ud
 from jaxsd.sampling.common import Plan
+from jaxsd.sampling import schedule as S
 from jaxsd.sampling.schedule import ScheduleConfig
 
 
@@ -41,6 +42,7 @@ class Sampler:
     step: Callable[..., Any]  # (state, model_output, c, noise) -> state, pure
     stochastic: bool = False  # draws fresh Gaussian noise at every evaluation
     order: int = 1  # the order of the method as diffusers configures it by default
+    default_betas: tuple[float, float] = S.DDPM_BETAS  # beta_start, beta_end a config may omit
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
@@ -48,16 +50,18 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
             stochastic=True),  # the noise is multiplied by eta (0 by default)
     Sampler("ddpm", "DDPMScheduler", ddpm.ddpm_plan, ddpm.init_latent_state, ddpm.ddpm_step,
             stochastic=True),
-    Sampler("pndm", "PNDMScheduler(skip_prk_steps=True)", ddpm.pndm_plan, ddpm.init_pndm_state,
+    Sampler("pndm", "PNDMScheduler", ddpm.pndm_plan, ddpm.init_pndm_state,
             ddpm.pndm_step, order=4),
     Sampler("lms", "LMSDiscreteScheduler", kd.lms_plan, kd.init_lms_state, kd.lms_step, order=4),
     Sampler("euler", "EulerDiscreteScheduler", kd.euler_plan, kd.init_k_state, kd.k_step),
     Sampler("euler_a", "EulerAncestralDiscreteScheduler", kd.euler_a_plan, kd.init_k_state,
             kd.k_step, stochastic=True),
-    Sampler("heun", "HeunDiscreteScheduler", kd.heun_plan, kd.init_k_state, kd.k_step, order=2),
-    Sampler("dpm2", "KDPM2DiscreteScheduler", kd.dpm2_plan, kd.init_k_state, kd.k_step, order=2),
+    Sampler("heun", "HeunDiscreteScheduler", kd.heun_plan, kd.init_k_state, kd.k_step, order=2,
+            default_betas=S.SD_BETAS),
+    Sampler("dpm2", "KDPM2DiscreteScheduler", kd.dpm2_plan, kd.init_k_state, kd.k_step, order=2,
+            default_betas=S.SD_BETAS),
     Sampler("dpm2_a", "KDPM2AncestralDiscreteScheduler", kd.dpm2_a_plan, kd.init_k_state,
-            kd.k_step, stochastic=True, order=2),
+            kd.k_step, stochastic=True, order=2, default_betas=S.SD_BETAS),
     Sampler("dpmpp_2m", "DPMSolverMultistepScheduler", dpm.dpmpp_2m_plan,
             dpm.init_multistep_state, dpm.dpm_multistep_step, order=2),
     Sampler("dpmpp_2m_sde", 'DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")',
@@ -66,7 +70,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("dpmpp_2s", "DPMSolverSinglestepScheduler", dpm.dpmpp_2s_plan,
             dpm.init_multistep_state, dpm.dpm_singlestep_step, order=2),
     Sampler("dpmpp_sde", "DPMSolverSDEScheduler", dpm.dpmpp_sde_plan, kd.init_k_state,
-            dpm.dpmpp_sde_step, stochastic=True, order=2),
+            dpm.dpmpp_sde_step, stochastic=True, order=2, default_betas=S.SD_BETAS),
     Sampler("unipc", "UniPCMultistepScheduler", ud.unipc_plan, ud.init_unipc_state, ud.unipc_step, order=2),
     Sampler("deis", "DEISMultistepScheduler", ud.deis_plan, ud.init_deis_state, ud.deis_step, order=2),
 ]}
@@ -111,7 +115,7 @@ def make_plan(sampler: str, num_steps: int, schedule: ScheduleConfig) -> Plan:
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
         raise ValueError(f"num_steps={num_steps!r} must be an integer in [1, {T}] "
                          "(the schedule's num_train_timesteps)")
-    return s.plan(schedule, int(num_steps))
+    return s.plan(S.with_betas(schedule, s.default_betas), int(num_steps))
 
 
 def refusal(sampler: str, schedule: ScheduleConfig, num_steps: int = 25) -> str | None:
@@ -178,7 +182,7 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     :param latents: [B, H, W, C] unit Gaussian noise (diffusers' `latents` before it is scaled by
         `init_noise_sigma`); for img2img, the noise that `add_noise` mixes into `init_latents`.
     :param sampler: a name in `SAMPLERS`.
-    :param num_steps: the number of inference steps N (evaluations: N, 2N - 1 or N + 1).
+    :param num_steps: the number of inference steps N (evaluations: N, 2N - 1, N + 1 or N + 9).
     :param schedule: the checkpoint's `ScheduleConfig`.
     :param key: PRNG key for the stochastic samplers (evaluation i uses `step_noise(key, i, ...)`).
     :param eta: DDIM's eta (traced). Only 'ddim' has one (diffusers passes eta only to a
@@ -195,6 +199,13 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     s = get_sampler(sampler)
     check_eta(sampler, eta)
     plan = make_plan(sampler, num_steps, schedule)
+    if init_latents is not None and "prk" in plan.consts and plan.consts["prk"].any() and not (
+            isinstance(first_step, (int, np.integer)) and first_step == 0):
+        raise ValueError(
+            "sampler 'pndm' with skip_prk_steps=False starts with a Runge-Kutta warm-up that only "
+            f"runs from the first timestep; img2img and inpainting start later (first_step={first_step!r}; "
+            "diffusers would run the warm-up with the first timesteps' constants there). Set "
+            "skip_prk_steps=True in the scheduler config or use another sampler")
     if key is None:
         key = jax.random.key(0)
     arrays = dict(timesteps=plan.timesteps, c_in=plan.c_in, consts=plan.consts,

@@ -1,13 +1,18 @@
-"""Noise schedules: betas, alphas_cumprod, timestep spacing and sigmas, in NumPy float64.
+"""Noise schedules: betas, alphas_cumprod, timestep spacing and sigmas, in NumPy.
 
 Everything here runs once on the host, outside `jit`, before sampling starts; the samplers in
-`jaxsd/sampling/` turn these arrays into per-step constants (cast to float32 at the end).
+`jaxsd/sampling/` turn these arrays into per-step constants (cast to float32 at the end). The
+training-schedule arrays (betas, alphas_cumprod, training sigmas) are float32 like diffusers', so
+that the small-t end, where float32 keeps few digits of 1 - alpha_bar, matches it; the arithmetic
+on them after that is float64, within a few float32 ulps of diffusers' float32 arithmetic.
 
 The semantics are those of diffusers' schedulers (v0.42), which read the checkpoint's
 `scheduler_config.json` through `SchedulerClass.from_config(config)`: a key absent from the config
 takes the *target* scheduler's default, which for some keys differs between schedulers
-(`timestep_spacing` is "leading" for DDIM/DDPM/PNDM and "linspace" for the rest). Those keys are
-`None` here and each sampler fills in its diffusers default.
+(`timestep_spacing` is "leading" for DDIM/DDPM/PNDM and "linspace" for the rest; `beta_start` and
+`beta_end` are the DDPM paper's 0.0001 and 0.02 for most, but 0.00085 and 0.012 for Heun, KDPM2,
+KDPM2Ancestral and DPMSolverSDE). Those keys are `None` here and each sampler fills in its
+diffusers default (`with_betas`).
 """
 from __future__ import annotations
 
@@ -28,8 +33,8 @@ class ScheduleConfig:
     """A checkpoint's scheduler config. Defaults are diffusers' (DDPM paper: linear 1e-4..0.02)."""
 
     num_train_timesteps: int = 1000  # T, the number of diffusion steps the UNet was trained on
-    beta_start: float = 0.0001  # beta_1; SD uses 0.00085
-    beta_end: float = 0.02  # beta_T; SD uses 0.012
+    beta_start: float | None = None  # beta_1; None: the sampler's diffusers default (below); SD 0.00085
+    beta_end: float | None = None  # beta_T; None: the sampler's diffusers default; SD 0.012
     beta_schedule: str = "linear"  # SD: "scaled_linear" (linear in sqrt(beta))
     trained_betas: tuple[float, ...] | None = None  # explicit betas; overrides beta_schedule
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023, "Common diffusion noise schedules..." Alg. 1
@@ -112,9 +117,9 @@ class ScheduleConfig:
         else:
             for name in ("beta_start", "beta_end"):
                 value = getattr(self, name)
-                if not (_is_number(value) and 0 < value < 1):
+                if value is not None and not (_is_number(value) and 0 < value < 1):
                     raise ValueError(f"{name}={value!r} must be a number in (0, 1) (SD: 0.00085 and 0.012)")
-            if self.beta_start > self.beta_end:
+            if None not in (self.beta_start, self.beta_end) and self.beta_start > self.beta_end:
                 raise ValueError(f"beta_start={self.beta_start} must not exceed beta_end={self.beta_end}")
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
@@ -138,6 +143,22 @@ _HARMLESS_AT_DEFAULT = {
 }
 
 
+# diffusers' defaults for beta_start / beta_end, by scheduler class: the DDPM paper's linear
+# 1e-4..0.02, except for the classes ported from k-diffusion ("sensible defaults", SD's values).
+DDPM_BETAS = (0.0001, 0.02)
+SD_BETAS = (0.00085, 0.012)
+
+
+def with_betas(cfg: ScheduleConfig, default: tuple[float, float] = DDPM_BETAS) -> ScheduleConfig:
+    """`cfg` with beta_start / beta_end that the config left out set to the sampler's default."""
+    if cfg.beta_start is not None and cfg.beta_end is not None:
+        return cfg
+    out = dataclasses.replace(cfg, beta_start=default[0] if cfg.beta_start is None else cfg.beta_start,
+                              beta_end=default[1] if cfg.beta_end is None else cfg.beta_end)
+    out.validate()
+    return out
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -151,51 +172,74 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def betas(cfg: ScheduleConfig) -> np.ndarray:
-    """beta_t for t = 0..T-1, float64 [T] (Ho et al. 2020 sec. 4; Nichol & Dhariwal 2021 eq. 17)."""
+    """beta_t for t = 0..T-1 [T] (Ho et al. 2020 sec. 4; Nichol & Dhariwal 2021 eq. 17).
+
+    float32 values, as diffusers builds them (`torch.linspace(..., dtype=torch.float32)`), held in
+    a float64 array. torch.linspace rounds some values one ulp differently from NumPy's (how
+    depends on the CPU's vector width); 1 - beta_t absorbs almost all of that (see alphas_cumprod).
+    """
     T = cfg.num_train_timesteps
+    cfg = with_betas(cfg)  # a sampler fills in its own default first; DDPM's otherwise
     if cfg.trained_betas is not None:
-        b = np.asarray(cfg.trained_betas, np.float64)
+        b = np.asarray(cfg.trained_betas, np.float64).astype(np.float32)
     elif cfg.beta_schedule == "linear":
-        b = np.linspace(cfg.beta_start, cfg.beta_end, T, dtype=np.float64)
+        b = np.linspace(cfg.beta_start, cfg.beta_end, T).astype(np.float32)
     elif cfg.beta_schedule == "scaled_linear":
-        # Stable Diffusion: linear in sqrt(beta), then squared.
-        b = np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T, dtype=np.float64) ** 2
-    else:  # squaredcos_cap_v2
+        # Stable Diffusion: linear in sqrt(beta), then squared (in float32, as diffusers).
+        b = np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T).astype(np.float32) ** 2
+    else:  # squaredcos_cap_v2: diffusers computes it in Python floats, then casts to float32
         # Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008,
         # beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999).
         alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        b = np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)])
+        b = np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
+                     np.float32)
     if cfg.rescale_betas_zero_snr:
         b = rescale_zero_terminal_snr(b)
-    return b
+    return b.astype(np.float64)
+
+
+def _cumprod32(alphas: np.ndarray) -> np.ndarray:
+    """torch.cumprod of a float32 vector: the running product is kept in float64, each output
+    rounded to float32 (ATen accumulates in the "acc type"; checked bit for bit by the tests)."""
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
 
 
 def rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023 Alg. 1: shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0."""
-    sqrt_ab = np.sqrt(np.cumprod(1.0 - b))
+    """Lin et al. 2023 Alg. 1: shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0.
+
+    Float32 throughout, operation for operation as diffusers' `rescale_zero_terminal_snr`.
+    """
+    f32 = np.float32
+    sqrt_ab = np.sqrt(_cumprod32(f32(1) - b.astype(f32)))
     sqrt_ab_0, sqrt_ab_T = sqrt_ab[0], sqrt_ab[-1]
-    sqrt_ab = (sqrt_ab - sqrt_ab_T) * sqrt_ab_0 / (sqrt_ab_0 - sqrt_ab_T)
+    sqrt_ab = (sqrt_ab - sqrt_ab_T) * (sqrt_ab_0 / (sqrt_ab_0 - sqrt_ab_T))
     ab = sqrt_ab**2
     alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
-    return 1.0 - alphas
+    return f32(1) - alphas
 
 
 def alphas_cumprod(cfg: ScheduleConfig) -> np.ndarray:
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s), float64 [T]."""
-    return np.cumprod(1.0 - betas(cfg))
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) [T]: float32 values (diffusers'), in a float64 array.
+
+    Computed as diffusers does: 1 - beta_t in float32, the product accumulated in float64 and
+    rounded to float32 (torch.cumprod). Near t = 0, 1 - alpha_bar_t ~ beta_0 keeps only ~4
+    significant digits in float32; the sigmas built from it inherit that, in diffusers and here
+    alike. Against diffusers: 1 - alpha_bar_t agrees within 2e-7 relative (tests).
+    """
+    return _cumprod32(np.float32(1) - betas(cfg).astype(np.float32)).astype(np.float64)
 
 
 def train_sigmas(cfg: ScheduleConfig) -> np.ndarray:
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the noise level of x_t / sqrt(alpha_bar_t).
 
-    With zero terminal SNR alpha_bar_T = 0 and sigma_T = inf; diffusers' sigma-based schedulers
-    replace alpha_bar_T by 2**-24 (a float32 epsilon), and so do we.
+    In float32 from the float32 alpha_bar, as diffusers' sigma-based schedulers compute it. With
+    zero terminal SNR alpha_bar_T = 0 and sigma_T = inf; diffusers replaces alpha_bar_T by 2**-24
+    (a float32 epsilon), and so do we.
     """
-    ab = alphas_cumprod(cfg)
+    ab = alphas_cumprod(cfg).astype(np.float32)
     if cfg.rescale_betas_zero_snr:
-        ab = ab.copy()
         ab[-1] = 2.0**-24
-    return np.sqrt((1 - ab) / ab)
+    return (((np.float32(1) - ab) / ab) ** np.float32(0.5)).astype(np.float64)
 
 
 # --- timesteps ---------------------------------------------------------------------------------
