@@ -183,6 +183,72 @@ def test_config_options_match_diffusers(name, options):
     assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
 
 
+OPTIONS = [
+    ("euler", dict(interpolation_type="log_linear")),
+    ("euler", dict(interpolation_type="log_linear", use_karras_sigmas=True)),
+    ("euler", dict(timestep_type="continuous")),  # log(sigma) / 4 with v-prediction only
+    ("euler", dict(timestep_type="continuous", interpolation_type="log_linear")),
+    ("dpmpp_2s", dict(final_sigmas_type="sigma_min")),
+    ("unipc", dict(final_sigmas_type="sigma_min")),
+]
+
+
+@pytest.mark.parametrize("num_steps", STEPS)
+@pytest.mark.parametrize("config", ["sd1", "sd2_v", "linear_1100"])
+@pytest.mark.parametrize("name,options", OPTIONS)
+def test_options_match_diffusers_at_every_step_count(name, options, config, num_steps):
+    raw = dict(CONFIGS[config], **options)
+    cfg = ScheduleConfig.from_config(raw)
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=num_steps,
+                          schedule=cfg, key=KEY, return_trajectory=True)
+    ref, ref_t = diffusers_loop(name, raw, num_steps, LATENTS)
+    assert out.trajectory.shape == ref.shape
+    np.testing.assert_allclose(sampling.make_plan(name, num_steps, cfg).timesteps, ref_t, atol=T_ATOL)
+    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
+    err = np.abs(np.asarray(out.trajectory) - ref).max(axis=(1, 2, 3, 4)) / scale
+    assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
+
+
+THRESHOLDING = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s", "unipc", "deis")
+# Two samples at different scales, so that each gets its own threshold s.
+BATCH2 = np.concatenate([LATENTS, 3 * LATENTS[:, ::-1]]).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_steps", STEPS)
+@pytest.mark.parametrize("config", ["sd1", "sd2_v", "linear_1100"])
+@pytest.mark.parametrize("name", THRESHOLDING)
+def test_dynamic_thresholding_matches_diffusers(name, config, num_steps):
+    """Imagen's dynamic thresholding of x0, per sample, in every diffusers class that has it."""
+    options = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
+    raw = dict(CONFIGS[config], **options)
+    run = lambda cfg: np.asarray(sampling.sample(
+        jax_model, jnp.asarray(BATCH2), sampler=name, num_steps=num_steps, schedule=cfg, key=KEY,
+        return_trajectory=True).trajectory)
+    trajectory = run(ScheduleConfig.from_config(raw))
+    noises = np.stack([sampling.step_noise(KEY, i, BATCH2.shape) for i in range(len(trajectory))])
+    ref, _ = diffusers_loop(name, raw, num_steps, BATCH2, noises)
+    # The scale: the step's result, or the raw x0 prediction's x_t / sqrt(alpha_bar_t) (what
+    # thresholding then clips) if larger. Thresholded x0 stays within +-2.5, so a step can end
+    # much smaller than its terms: DEIS in 1 step from |x| ~ 9 at alpha = 0.0038 (1100 linear
+    # betas) sums terms of ~2400 that cancel to ~1, and rounding follows the ~2400.
+    plan = sampling.make_plan(name, num_steps, ScheduleConfig.from_config(raw))
+    before = np.concatenate([BATCH2[None] * plan.init_noise_sigma, ref[:-1]])
+    raw_x0 = np.abs(before).max(axis=(1, 2, 3, 4)) / plan.noise_a
+    scale = np.maximum(1.0, np.maximum(np.abs(ref).max(axis=(1, 2, 3, 4)), raw_x0))
+    err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
+    assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
+    # Where thresholding changes diffusers' result (most cases; not where |x0| stays below 1) it
+    # changes ours, and the other way round.
+    plain = run(ScheduleConfig.from_config(CONFIGS[config]))
+    ref_plain, _ = diffusers_loop(name, CONFIGS[config], num_steps, BATCH2, noises)
+    assert (np.abs(plain - trajectory).max() > 1e-3) == (np.abs(ref_plain - ref).max() > 1e-3)
+
+
+def test_thresholding_refused_where_diffusers_has_none():
+    with pytest.raises(ValueError, match=r"'euler'.*has no thresholding.*ddim, ddpm"):
+        sampling.make_plan("euler", 5, ScheduleConfig.from_config(dict(CONFIGS["sd1"], thresholding=True)))
+
+
 def test_unipc_bh1_final_step_is_finite_where_diffusers_is_nan():
     """diffusers' UniPC with solver_type="bh1" computes B_h = -h = -inf on the last step (to
     sigma = 0) and multiplies it by pred_res = 0: NaN. jaxsd's last step is the finite

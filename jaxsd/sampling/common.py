@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxsd.sampling.schedule import ScheduleConfig
@@ -82,8 +84,31 @@ def vp_alpha_sigma(sigma):
     return alpha, sigma * alpha
 
 
+def threshold_consts(cfg: ScheduleConfig, E: int) -> dict:
+    """Per-evaluation constants of dynamic thresholding ([E] each; `thr` 0 when it is off)."""
+    return dict(thr=np.full(E, 1.0 if cfg.thresholding else 0.0),
+                thr_ratio=np.full(E, cfg.dynamic_thresholding_ratio),
+                thr_max=np.full(E, cfg.sample_max_value))
+
+
+def dynamic_threshold(x0: jax.Array, c: dict) -> jax.Array:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3; diffusers' _threshold_sample).
+
+    Per sample: s = clip(quantile(|x0|, ratio), 1, sample_max_value), then x0 = clip(x0, -s, s) / s
+    (linear-interpolated quantile over all of a sample's values, as torch.quantile). Only the
+    taken branch of the cond runs, so with thresholding off it costs nothing.
+    """
+    def apply(x0):
+        B = x0.shape[0]
+        s = jnp.quantile(jnp.abs(x0.reshape(B, -1)), c["thr_ratio"], axis=1)  # [B]
+        s = jnp.minimum(jnp.maximum(s, 1.0), c["thr_max"]).reshape((B,) + (1,) * (x0.ndim - 1))
+        return jnp.clip(x0, -s, s) / s
+
+    return jax.lax.cond(c["thr"] > 0, apply, lambda x0: x0, x0)
+
+
 def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, prediction_types=None,
-            sigmas=False, rescale=False, clip=False) -> None:
+            sigmas=False, rescale=False, clip=False, threshold=False) -> None:
     """Raises if `cfg` asks `sampler` for something its diffusers class does not have.
 
     diffusers itself would silently ignore most of these (its from_config drops keys the class
@@ -105,3 +130,6 @@ def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, predicti
                          "euler, euler_a, dpmpp_2m, dpmpp_2m_sde or unipc")
     if cfg.clip_sample and not clip:
         raise ValueError(f"{where} has no clip_sample; set clip_sample=False")
+    if cfg.thresholding and not threshold:
+        raise ValueError(f"{where} has no thresholding (dynamic thresholding); set thresholding=False "
+                         "or use ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, unipc or deis")

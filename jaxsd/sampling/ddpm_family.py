@@ -10,7 +10,8 @@ import numpy as np
 from flax import struct
 
 from jaxsd.sampling import schedule as S
-from jaxsd.sampling.common import Plan, eps_coefficients, make_plan, require, x0_coefficients
+from jaxsd.sampling.common import (Plan, dynamic_threshold, eps_coefficients, make_plan, require,
+                                   threshold_consts, x0_coefficients)
 
 
 @struct.dataclass
@@ -41,7 +42,7 @@ def _alpha_noise(ab_t):
 
 def ddim_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """DDIMScheduler. Note: diffusers steps from t to t - T // N even for trailing spacing."""
-    require(cfg, "ddim", "DDIMScheduler", rescale=True, clip=True)
+    require(cfg, "ddim", "DDIMScheduler", rescale=True, clip=True, threshold=True)
     t, ab = _alpha_plan(cfg, num_steps)
     final = 1.0 if (cfg.set_alpha_to_one is None or cfg.set_alpha_to_one) else ab[0]
     t_prev = t - cfg.num_train_timesteps // num_steps
@@ -49,9 +50,9 @@ def ddim_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     a_prev = np.where(t_prev >= 0, ab[np.maximum(t_prev, 0)], final)
     x0_x, x0_out = x0_coefficients(cfg.prediction_type, np.sqrt(a_t), np.sqrt(1 - a_t))
     eps_x, eps_out = eps_coefficients(cfg.prediction_type, np.sqrt(a_t), np.sqrt(1 - a_t))
-    clip = cfg.clip_sample is None or cfg.clip_sample
+    clip = (cfg.clip_sample is None or cfg.clip_sample) and not cfg.thresholding  # threshold first
     consts = dict(
-        x0_x=x0_x, x0_out=x0_out, eps_x=eps_x, eps_out=eps_out,
+        x0_x=x0_x, x0_out=x0_out, eps_x=eps_x, eps_out=eps_out, **threshold_consts(cfg, len(t)),
         clip=np.full(len(t), cfg.clip_sample_range if clip else np.inf),
         a_prev=a_prev,
         # DDIM eq. 16 with eta = 1: sigma_t^2 = (1 - a_prev)/(1 - a_t) (1 - a_t/a_prev)
@@ -64,6 +65,7 @@ def ddim_step(state: LatentState, model_output, c, noise) -> LatentState:
     """Song et al. 2021 (DDIM) eq. 12, with sigma_t = eta * sqrt(variance) (eq. 16)."""
     x = state.x
     x0 = jnp.clip(c["x0_x"] * x + c["x0_out"] * model_output, -c["clip"], c["clip"])
+    x0 = dynamic_threshold(x0, c)
     eps = c["eps_x"] * x + c["eps_out"] * model_output
     std = c["eta"] * jnp.sqrt(c["variance"])
     # x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z
@@ -78,7 +80,7 @@ DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 def ddpm_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """DDPMScheduler: ancestral sampling of the posterior q(x_{t'} | x_t, x0) on N timesteps."""
-    require(cfg, "ddpm", "DDPMScheduler", rescale=True, clip=True)
+    require(cfg, "ddpm", "DDPMScheduler", rescale=True, clip=True, threshold=True)
     variance_type = cfg.variance_type or "fixed_small"
     S._check_choice("variance_type", variance_type, DDPM_VARIANCE_TYPES)
     t, ab = _alpha_plan(cfg, num_steps)
@@ -93,8 +95,8 @@ def ddpm_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     std = np.sqrt(beta_t) if variance_type == "fixed_large" else np.sqrt(small)
     std = np.where(t > 0, std, 0.0)  # no noise on the step that starts at t = 0
     x0_x, x0_out = x0_coefficients(cfg.prediction_type, np.sqrt(a_t), np.sqrt(1 - a_t))
-    clip = cfg.clip_sample is None or cfg.clip_sample
-    consts = dict(x0_x=x0_x, x0_out=x0_out, c0=c0, c1=c1, std=std,
+    clip = (cfg.clip_sample is None or cfg.clip_sample) and not cfg.thresholding  # threshold first
+    consts = dict(x0_x=x0_x, x0_out=x0_out, c0=c0, c1=c1, std=std, **threshold_consts(cfg, len(t)),
                   clip=np.full(len(t), cfg.clip_sample_range if clip else np.inf))
     return make_plan(t, np.ones(len(t)), consts, *_alpha_noise(a_t), 1.0)
 
@@ -103,6 +105,7 @@ def ddpm_step(state: LatentState, model_output, c, noise) -> LatentState:
     """Ho et al. 2020 Alg. 2 in the posterior-mean form (eq. 7) with a predicted x0."""
     x = state.x
     x0 = jnp.clip(c["x0_x"] * x + c["x0_out"] * model_output, -c["clip"], c["clip"])
+    x0 = dynamic_threshold(x0, c)
     return LatentState(x=c["c0"] * x0 + c["c1"] * x + c["std"] * noise)
 
 

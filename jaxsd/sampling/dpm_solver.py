@@ -14,8 +14,8 @@ import numpy as np
 from flax import struct
 
 from jaxsd.sampling import schedule as S
-from jaxsd.sampling.common import (Plan, k_x0_coefficients, make_plan, require, vp_alpha_sigma,
-                                   x0_coefficients)
+from jaxsd.sampling.common import (Plan, dynamic_threshold, k_x0_coefficients, make_plan, require,
+                                   threshold_consts, vp_alpha_sigma, x0_coefficients)
 from jaxsd.sampling.k_diffusion import KState, _interleave, _k_sigmas
 
 
@@ -78,7 +78,8 @@ def _lambda(sigma):
 
 def _dpm_check(cfg, name):
     require(cfg, name, "DPMSolverMultistepScheduler" if name != "dpmpp_2s" else
-            "DPMSolverSinglestepScheduler", sigmas=True, rescale=name != "dpmpp_2s")
+            "DPMSolverSinglestepScheduler", sigmas=True, rescale=name != "dpmpp_2s",
+            threshold=True)
     if (cfg.solver_type or "midpoint") != "midpoint":
         raise ValueError(f"sampler {name!r} implements solver_type='midpoint' only; "
                          f"got {cfg.solver_type!r}")
@@ -108,6 +109,7 @@ def _multistep_plan(cfg, num_steps, name, sde):
     use2 = (i >= 1) & ~((i == N - 1) & last_first_order)
     x0_x, x0_out = x0_coefficients(cfg.prediction_type, a[:-1], sv[:-1])
     consts = dict(x0_x=x0_x, x0_out=x0_out, A=A, B=B, C=C, use2=use2.astype(float),
+                  **threshold_consts(cfg, N),
                   B0_2=np.where(use2, B0_2, 0.0), B1_2=np.where(use2, B1_2, 0.0))
     return make_plan(t, np.ones(N), consts, a[:-1], sv[:-1], 1.0)
 
@@ -125,7 +127,7 @@ def dpmpp_2m_sde_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
 def dpm_multistep_step(state: MultistepState, model_output, c, noise) -> MultistepState:
     """DPM-Solver++(2M): first order on the first evaluation (no history) and where the plan says."""
     x = state.x
-    m = c["x0_x"] * x + c["x0_out"] * model_output  # x0_theta(x_t, t)
+    m = dynamic_threshold(c["x0_x"] * x + c["x0_out"] * model_output, c)  # x0_theta(x_t, t)
     second = (c["use2"] == 1) & (state.count >= 1)
     x_new = c["A"] * x + jnp.where(second, c["B0_2"], c["B"]) * m
     x_new = x_new + jnp.where(second, c["B1_2"], 0.0) * state.m_prev
@@ -173,6 +175,7 @@ def dpmpp_2s_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     two = orders == 2
     x0_x, x0_out = x0_coefficients(cfg.prediction_type, a[:-1], sv[:-1])
     consts = dict(x0_x=x0_x, x0_out=x0_out, use2=two.astype(float), A1=A1, B1=B1,
+                  **threshold_consts(cfg, N),
                   A2=np.where(two, A2, 0.0), Bm0_2=np.where(two, Bm0_2, 0.0),
                   Bm1_2=np.where(two, Bm1_2, 0.0))
     return make_plan(t, np.ones(N), consts, a[:-1], sv[:-1], 1.0)
@@ -182,7 +185,7 @@ def dpm_singlestep_step(state: MultistepState, model_output, c, noise) -> Multis
     """A first-order step stores its start as the anchor; a second-order one restarts from it."""
     del noise
     x = state.x
-    m = c["x0_x"] * x + c["x0_out"] * model_output
+    m = dynamic_threshold(c["x0_x"] * x + c["x0_out"] * model_output, c)
     second = (c["use2"] == 1) & (state.count >= 1)
     anchor = jnp.where(second, state.anchor, x)
     x_new = jnp.where(second, c["A2"], c["A1"]) * anchor + jnp.where(second, c["Bm0_2"], c["B1"]) * m

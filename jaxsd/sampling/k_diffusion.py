@@ -47,20 +47,34 @@ def k_step(state: KState, model_output, c, noise) -> KState:
     return KState(x=x_new, x_saved=jnp.where(second, state.x_saved, x), d_saved=d)
 
 
-def _k_sigmas(cfg, num_steps, *, config_range=False, round_custom=False, final_sigma=0.0):
-    """Timesteps [N] and sigmas [N + 1] (last = final_sigma) as diffusers' k-schedulers set them."""
+def _k_sigmas(cfg, num_steps, *, config_range=False, round_custom=False, final_sigma=0.0,
+              log_linear=False):
+    """Timesteps [N] and sigmas [N + 1] (last = final_sigma) as diffusers' k-schedulers set them.
+
+    `log_linear` (Euler's interpolation_type="log_linear"): the N + 1 sigmas are evenly spaced in
+    log sigma from sigma_max to sigma_min, the training range, while the timesteps keep their
+    spacing; diffusers appends final_sigma after them, but its N steps never reach it, so the
+    last step ends at sigma_min.
+    """
     spacing = cfg.timestep_spacing or "linspace"
     t = S.spaced_timesteps(spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset,
                            integer=False)
     sig_train = S.train_sigmas(cfg)
-    sigmas = S.interp_sigmas(t, sig_train)
+    if log_linear:  # torch.linspace(log s_min32, ...) in float32, then exp in float32
+        f32 = np.float32
+        logs = np.log(sig_train.astype(f32))
+        sigmas = np.exp(np.linspace(logs[-1], logs[0], num_steps + 1).astype(f32)).astype(np.float64)
+    else:
+        sigmas = S.interp_sigmas(t, sig_train)
     custom = S.convert_sigmas(cfg, sigmas, num_steps, config_range=config_range)
     if custom is not None:
         sigmas = custom
         t = S.sigma_to_t(sigmas, sig_train)
         if round_custom and cfg.use_karras_sigmas:
             t = t.round()
-    sigmas = np.append(sigmas, final_sigma).astype(np.float32).astype(np.float64)
+    if custom is not None or not log_linear:
+        sigmas = np.append(sigmas, final_sigma)
+    sigmas = sigmas.astype(np.float32).astype(np.float64)
     # diffusers: latents start at sigma_max, or sqrt(sigma_max^2 + 1) for "leading" spacing.
     init = sigmas.max() if spacing != "leading" else np.sqrt(sigmas.max() ** 2 + 1)
     return t, sigmas, init
@@ -83,16 +97,22 @@ def _c_in(sigma):
 def euler_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """EulerDiscreteScheduler (s_churn = 0): Karras et al. 2022 Alg. 2 without churn = Alg. 1's Euler."""
     require(cfg, "euler", "EulerDiscreteScheduler", sigmas=True, rescale=True)
-    if cfg.interpolation_type != "linear" or cfg.timestep_type != "discrete":
-        raise ValueError("sampler 'euler' supports interpolation_type='linear' and "
-                         f"timestep_type='discrete'; got {cfg.interpolation_type!r}, "
-                         f"{cfg.timestep_type!r}")
+    S._check_choice("interpolation_type", cfg.interpolation_type, ("linear", "log_linear"))
+    S._check_choice("timestep_type", cfg.timestep_type, ("discrete", "continuous"))
     final = (cfg.final_sigmas_type or "zero")
     S._check_choice("final_sigmas_type", final, ("zero", "sigma_min"))
     last = S.train_sigmas(cfg)[0] if final == "sigma_min" else 0.0
-    t, s, init = _k_sigmas(cfg, num_steps, config_range=True, final_sigma=last)
+    t, s, init = _k_sigmas(cfg, num_steps, config_range=True, final_sigma=last,
+                           log_linear=cfg.interpolation_type == "log_linear")
+    if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+        # EDM-style models take c_noise = log(sigma) / 4 (Karras et al. 2022 Table 1), not t.
+        # diffusers takes one timestep per sigma but the last: with log_linear, whose final
+        # sigma it never reached, that is N + 1 steps, the last one to final_sigma.
+        if cfg.interpolation_type == "log_linear" and not S.custom_sigmas(cfg):
+            s = np.append(s, np.float32(last))
+        t = np.float32(0.25) * np.log(s[:-1].astype(np.float32))
     consts = _k_consts(cfg.prediction_type, s[:-1], s[1:] - s[:-1])
-    return make_plan(t, _c_in(s[:-1]), consts, np.ones(num_steps), s[:-1], init)
+    return make_plan(t, _c_in(s[:-1]), consts, np.ones(len(t)), s[:-1], init)
 
 
 def euler_a_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:

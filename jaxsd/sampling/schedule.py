@@ -52,15 +52,17 @@ class ScheduleConfig:
     sigma_min: float | None = None  # Euler/UniPC: lower end of Karras/exponential/beta sigmas
     sigma_max: float | None = None  # Euler/UniPC: upper end
     final_sigmas_type: str | None = None  # last sigma: "zero" (default) or "sigma_min"
-    interpolation_type: str = "linear"  # Euler: sigmas at timesteps by "linear" interp or "log_linear"
-    timestep_type: str = "discrete"  # Euler: "continuous" (0.25 log sigma) is not supported
+    interpolation_type: str = "linear"  # Euler: sigmas at timesteps by "linear" interp, or "log_linear"
+    timestep_type: str = "discrete"  # Euler: "continuous" passes log(sigma) / 4 to a v-prediction model
     lower_order_final: bool | None = None  # multistep solvers: first order near the end (< 15 steps)
     euler_at_final: bool = False  # DPM-Solver multistep: always first order at the last step
     lambda_min_clipped: float = -math.inf  # DPM-Solver: clip the smallest log-SNR
     use_lu_lambdas: bool = False  # DPM-Solver multistep: Lu et al. 2022 uniform-lambda steps
     solver_type: str | None = None  # UniPC "bh1"/"bh2" (default bh2); DPM-Solver "midpoint" only
     disable_corrector: tuple[int, ...] = ()  # UniPC: step indices that skip the corrector
-    thresholding: bool = False  # Imagen dynamic thresholding: not supported, raises
+    thresholding: bool = False  # Imagen dynamic thresholding of x0 (pixel-space models; not SD)
+    dynamic_thresholding_ratio: float = 0.995  # the quantile of |x0| that sets the threshold s
+    sample_max_value: float = 1.0  # the largest threshold s
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ScheduleConfig":
@@ -128,15 +130,17 @@ class ScheduleConfig:
         if sum([self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas]) > 1:
             raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, "
                              "use_beta_sigmas may be True")
-        if self.thresholding:
-            raise ValueError("thresholding=True (Imagen dynamic thresholding) is not supported "
-                             "by jaxsd; use thresholding=False")
+        if not (_is_number(self.dynamic_thresholding_ratio) and 0 < self.dynamic_thresholding_ratio <= 1):
+            raise ValueError(f"dynamic_thresholding_ratio={self.dynamic_thresholding_ratio!r} must be a "
+                             "number in (0, 1] (diffusers: 0.995)")
+        if not (_is_number(self.sample_max_value) and self.sample_max_value > 0):
+            raise ValueError(f"sample_max_value={self.sample_max_value!r} must be a positive number")
 
 
 # Keys that other diffusers schedulers write into their configs. They change nothing while they
 # hold these values; any other value asks for a feature jaxsd does not have, so it raises.
 _HARMLESS_AT_DEFAULT = {
-    "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "predict_x0": True,
+    "predict_x0": True,
     "solver_p": None, "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
     "time_shift_type": "exponential", "shift_terminal": None, "noise_sampler_seed": None,
     "solver_order": 2, "algorithm_type": "dpmsolver++",

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from jaxsd.sampling import schedule as S
-from jaxsd.sampling.common import (Plan, eps_coefficients, make_plan, require, vp_alpha_sigma,
+from jaxsd.sampling.common import (Plan, dynamic_threshold, eps_coefficients, make_plan, require,
+                                   threshold_consts, vp_alpha_sigma,
                                    x0_coefficients)
 from jaxsd.sampling.dpm_solver import (MultistepState, dpm_timesteps_and_sigmas, init_multistep_state)
 
@@ -52,7 +54,7 @@ def _uni_b(h, bh1):
 
 def unipc_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """UniPCMultistepScheduler(solver_order=2, predict_x0=True, solver_type=bh2 or bh1)."""
-    require(cfg, "unipc", "UniPCMultistepScheduler", sigmas=True, rescale=True)
+    require(cfg, "unipc", "UniPCMultistepScheduler", sigmas=True, rescale=True, threshold=True)
     solver_type = cfg.solver_type or "bh2"
     S._check_choice("solver_type", solver_type, ("bh1", "bh2"))
     cfg_t = dataclasses.replace(cfg, lambda_min_clipped=-math.inf, use_lu_lambdas=False)
@@ -93,6 +95,7 @@ def unipc_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     clean = lambda v: np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     x0_x, x0_out = x0_coefficients(cfg.prediction_type, a[:-1], sv[:-1])
     consts = dict(x0_x=x0_x, x0_out=x0_out, cap=cap, corrector=corrector.astype(float),
+                  **threshold_consts(cfg, N),
                   P_x=P_x, P_m=P_m, P_m_2=clean(np.where(cap == 2, P_m_2, 0)),
                   P_m1_2=clean(np.where(cap == 2, P_m1_2, 0)),
                   C_x=clean(C_x), C_m_1=clean(C_m_1), C_m1_1=clean(C_m1_1), C_m_2=clean(C_m_2),
@@ -104,7 +107,7 @@ def unipc_step(state: UniPCState, model_output, c, noise) -> UniPCState:
     """UniC corrects the current sample with this evaluation, then UniP predicts the next one."""
     del noise
     x = state.x
-    m = c["x0_x"] * x + c["x0_out"] * model_output  # x0 at the (uncorrected) sample
+    m = dynamic_threshold(c["x0_x"] * x + c["x0_out"] * model_output, c)  # x0 at the (uncorrected) sample
     # UniC (Zhao et al. 2023 eq. 8), skipped on the first evaluation and where disabled.
     two = state.last_order == 2
     x_c = (c["C_x"] * state.x_last + jnp.where(two, c["C_m_2"], c["C_m_1"]) * m
@@ -126,7 +129,7 @@ def unipc_step(state: UniPCState, model_output, c, noise) -> UniPCState:
 def deis_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """DEISMultistepScheduler(solver_order=2, "logrho"). Its last sigma is sigma_min, not 0 (as in
     diffusers): the result keeps the noise of the smallest training timestep."""
-    require(cfg, "deis", "DEISMultistepScheduler", sigmas=True)
+    require(cfg, "deis", "DEISMultistepScheduler", sigmas=True, threshold=True)
     cfg_t = dataclasses.replace(cfg, lambda_min_clipped=-math.inf, use_lu_lambdas=False,
                                 final_sigmas_type="sigma_min")
     t, s, _ = dpm_timesteps_and_sigmas(cfg_t, num_steps, spacing=cfg.timestep_spacing or "linspace",
@@ -148,7 +151,13 @@ def deis_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     i = np.arange(N)
     use2 = (i >= 1) & ~((i == N - 1) & lof & (N < 15))
     eps_x, eps_out = _deis_eps(cfg.prediction_type, a[:-1], sv[:-1])
+    # x0 = (p x + q output) / r, in diffusers' order of operations: with thresholding, eps is
+    # recovered from x0 by a subtraction that cancels, which would amplify other roundings.
+    one, zero = np.ones(N), np.zeros(N)
+    p, q, r = {"epsilon": (one, -sv[:-1], a[:-1]), "v_prediction": (a[:-1], -sv[:-1], one),
+               "sample": (zero, one, one)}[cfg.prediction_type]
     consts = dict(eps_x=eps_x, eps_out=eps_out, use2=use2.astype(float), A1=A1, B1=B1,
+                  x0_p=p, x0_q=q, x0_r=r, alpha=a[:-1], sigma=sv[:-1], **threshold_consts(cfg, N),
                   A2=np.where(use2, a[1:] / a[:-1], 0.0), B0_2=np.where(use2, a[1:] * c1, 0.0),
                   B1_2=np.where(use2, a[1:] * c2, 0.0))
     return make_plan(t, np.ones(N), consts, a[:-1], sv[:-1], 1.0)
@@ -166,7 +175,11 @@ def deis_step(state: MultistepState, model_output, c, noise) -> MultistepState:
     """DEIS-2: first order without history and (for < 15 steps) on the last evaluation."""
     del noise
     x = state.x
-    e = c["eps_x"] * x + c["eps_out"] * model_output  # eps_theta(x_t, t)
+    e = jax.lax.cond(  # eps_theta(x_t, t); thresholded: from the thresholded x0, as diffusers
+        c["thr"] > 0,
+        lambda: (x - c["alpha"] * dynamic_threshold((c["x0_p"] * x + c["x0_q"] * model_output) / c["x0_r"], c))
+        / c["sigma"],
+        lambda: c["eps_x"] * x + c["eps_out"] * model_output)
     second = (c["use2"] == 1) & (state.count >= 1)
     x_new = (jnp.where(second, c["A2"], c["A1"]) * x + jnp.where(second, c["B0_2"], c["B1"]) * e
              + jnp.where(second, c["B1_2"], 0.0) * state.m_prev)
