@@ -72,17 +72,21 @@ def _scheduler_class(cls_name):
     return getattr(diffusers, cls_name)
 
 
-def diffusers_loop(name, config, num_steps, latents_nhwc, noises_nhwc=None, eta=0.0):
+def diffusers_loop(name, config, num_steps, latents_nhwc, noises_nhwc=None, eta=0.0, **explicit):
     """diffusers' pipeline loop with the fake model; returns (trajectory [E, NHWC], timesteps).
 
     Stochastic samplers get `noises_nhwc[i]` at evaluation i, by replacing randn_tensor in the
-    scheduler's module (and DPMSolverSDE's Brownian-tree noise sampler).
+    scheduler's module (and DPMSolverSDE's Brownian-tree noise sampler). `explicit`: timesteps=
+    or sigmas= for set_timesteps instead of num_steps.
     """
     cls_name, overrides = DIFFUSERS[name]
     cls = _scheduler_class(cls_name)
     module = importlib.import_module(cls.__module__)
     sched = cls.from_config(config, **overrides)
-    sched.set_timesteps(num_steps)
+    if explicit:
+        sched.set_timesteps(**explicit)
+    else:
+        sched.set_timesteps(num_steps)
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
     current = {}
     fake_randn = lambda *args, **kwargs: current["noise"].clone()

@@ -62,6 +62,17 @@ def test_schedules_share_one_program(name):
     assert all(not np.allclose(first, out) for out in outs)
 
 
+def test_explicit_lists_of_one_length_share_one_program():
+    """Explicit timesteps are numbers like any schedule: same length, same program."""
+    run = lambda t: sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="euler", num_steps=4,
+                                    schedule=ScheduleConfig.from_config(dict(CONFIGS["sd1"], timesteps=t)),
+                                    key=KEY).latents
+    first = run([999, 700, 400, 100])
+    size = sampling._sample_jit._cache_size()
+    second = run([950, 600, 300, 50])
+    assert sampling._sample_jit._cache_size() == size and not np.allclose(first, second)
+
+
 def test_pndm_runge_kutta_refuses_img2img():
     cfg = ScheduleConfig.from_config(dict(CONFIGS["sd1"], skip_prk_steps=False))
     with pytest.raises(ValueError, match=r"'pndm' with skip_prk_steps=False.*first_step=3"):

@@ -249,6 +249,74 @@ def test_thresholding_refused_where_diffusers_has_none():
         sampling.make_plan("euler", 5, ScheduleConfig.from_config(dict(CONFIGS["sd1"], thresholding=True)))
 
 
+EXPLICIT = [("euler", "timesteps"), ("euler", "sigmas"), ("heun", "timesteps"), ("ddpm", "timesteps"),
+            ("dpmpp_2m", "timesteps"), ("dpmpp_2m_sde", "timesteps"), ("dpmpp_2s", "timesteps")]
+
+
+def explicit_list(kind, config, num_steps):
+    """Align Your Steps for 10 steps; otherwise random descending timesteps, or sigmas (ending
+    with 0) drawn in the training range, for num_steps steps."""
+    cfg = ScheduleConfig.from_config(CONFIGS[config])
+    if num_steps == 10:
+        return list(S.AYS["sd1"][kind])
+    rng = np.random.default_rng(num_steps)
+    T = cfg.num_train_timesteps
+    if kind == "timesteps":
+        return sorted(rng.choice(T, num_steps, replace=False).tolist(), reverse=True)
+    sig = S.train_sigmas(S.with_betas(cfg))
+    return sorted(np.exp(rng.uniform(np.log(sig[0]), np.log(sig[-1]), num_steps)).tolist(), reverse=True) + [0.0]
+
+
+@pytest.mark.parametrize("num_steps", (1, 2, 7, 10, 50))
+@pytest.mark.parametrize("config", ["sd1", "sd2_v", "linear_1100"])
+@pytest.mark.parametrize("name,kind", EXPLICIT)
+def test_explicit_timesteps_and_sigmas_match_diffusers(name, kind, config, num_steps):
+    """diffusers' set_timesteps(timesteps=...) / (sigmas=...), Align Your Steps among them."""
+    values = explicit_list(kind, config, num_steps)
+    raw = dict(CONFIGS[config], **{kind: values})
+    cfg = ScheduleConfig.from_config(raw)
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=num_steps,
+                          schedule=cfg, key=KEY, return_trajectory=True)
+    trajectory = np.asarray(out.trajectory)
+    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(len(trajectory))])
+    ref, ref_t = diffusers_loop(name, CONFIGS[config], num_steps, LATENTS, noises, **{kind: values})
+    assert trajectory.shape == ref.shape
+    np.testing.assert_allclose(sampling.make_plan(name, num_steps, cfg).timesteps, ref_t, atol=T_ATOL)
+    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
+    err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
+    assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("ddim", dict(timesteps=[999, 500]), "'ddim'.*takes no explicit timesteps.*euler, heun"),
+    ("heun", dict(sigmas=[14.6, 1.0, 0.0]), "'heun'.*takes no explicit sigmas.*euler"),
+    ("euler", dict(timesteps=[999, 500], use_karras_sigmas=True), "cannot be combined with use_karras_sigmas"),
+])
+def test_explicit_lists_refused_where_diffusers_has_none(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        sampling.make_plan(name, 2, ScheduleConfig.from_config(dict(CONFIGS["sd1"], **options)))
+
+
+@pytest.mark.parametrize("options,num_steps,match", [
+    (dict(timesteps=[999, 500]), 3, "num_steps=3 does not match the schedule's explicit timesteps list, which makes 2"),
+    (dict(sigmas=[14.6, 1.0, 0.0]), 3, "explicit sigmas list, which makes 2"),
+])
+def test_explicit_list_fixes_the_step_count(options, num_steps, match):
+    with pytest.raises(ValueError, match=match):
+        sampling.make_plan("euler", num_steps, ScheduleConfig.from_config(dict(CONFIGS["sd1"], **options)))
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(timesteps=[500, 999]), "strictly descending"),
+    (dict(timesteps=[1000, 10]), r"in \[0, num_train_timesteps=1000\)"),
+    (dict(sigmas=[14.6]), "at least two"),
+    (dict(timesteps=[999], sigmas=[1.0, 0.0]), "not both"),
+])
+def test_bad_explicit_lists(options, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleConfig.from_config(dict(CONFIGS["sd1"], **options))
+
+
 def test_unipc_bh1_final_step_is_finite_where_diffusers_is_nan():
     """diffusers' UniPC with solver_type="bh1" computes B_h = -h = -inf on the last step (to
     sigma = 0) and multiplies it by pred_res = 0: NaN. jaxsd's last step is the finite

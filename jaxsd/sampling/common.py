@@ -108,7 +108,7 @@ def dynamic_threshold(x0: jax.Array, c: dict) -> jax.Array:
 
 
 def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, prediction_types=None,
-            sigmas=False, rescale=False, clip=False, threshold=False) -> None:
+            sigmas=False, rescale=False, clip=False, threshold=False, custom=()) -> None:
     """Raises if `cfg` asks `sampler` for something its diffusers class does not have.
 
     diffusers itself would silently ignore most of these (its from_config drops keys the class
@@ -130,6 +130,18 @@ def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, predicti
                          "euler, euler_a, dpmpp_2m, dpmpp_2m_sde or unipc")
     if cfg.clip_sample and not clip:
         raise ValueError(f"{where} has no clip_sample; set clip_sample=False")
+    for key in ("timesteps", "sigmas"):
+        if getattr(cfg, key) is not None:
+            if key not in custom:
+                takes = {"timesteps": "euler, heun, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s",
+                         "sigmas": "euler"}[key]
+                raise ValueError(f"{where} takes no explicit {key} list (its set_timesteps has no "
+                                 f"{key}=); samplers that do: {takes}")
+            for option in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                           "use_lu_lambdas"):
+                if getattr(cfg, option, False):
+                    raise ValueError(f"{where}: an explicit {key} list cannot be combined with "
+                                     f"{option}=True (diffusers refuses it too)")
     if cfg.thresholding and not threshold:
         raise ValueError(f"{where} has no thresholding (dynamic thresholding); set thresholding=False "
                          "or use ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, unipc or deis")

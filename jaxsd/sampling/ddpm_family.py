@@ -28,6 +28,8 @@ def init_latent_state(x):
 def _alpha_plan(cfg, num_steps, default_spacing="leading"):
     spacing = cfg.timestep_spacing or default_spacing
     t = S.spaced_timesteps(spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset)
+    if cfg.timesteps is not None:  # DDPM's custom_timesteps (DDIM refuses them in require)
+        t = np.asarray(cfg.timesteps).astype(np.int64)
     ab = S.alphas_cumprod(cfg)
     return t, ab
 
@@ -80,7 +82,8 @@ DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 def ddpm_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """DDPMScheduler: ancestral sampling of the posterior q(x_{t'} | x_t, x0) on N timesteps."""
-    require(cfg, "ddpm", "DDPMScheduler", rescale=True, clip=True, threshold=True)
+    require(cfg, "ddpm", "DDPMScheduler", rescale=True, clip=True, threshold=True,
+            custom=("timesteps",))
     variance_type = cfg.variance_type or "fixed_small"
     S._check_choice("variance_type", variance_type, DDPM_VARIANCE_TYPES)
     t, ab = _alpha_plan(cfg, num_steps)

@@ -51,6 +51,8 @@ def dpm_timesteps_and_sigmas(cfg, num_steps, *, spacing, singlestep=False, unipc
         t = (np.arange(N + 1) * (last // (N + 1))).round()[::-1][:-1] + cfg.steps_offset
     else:  # trailing
         t = np.arange(last, 0, -T / N).round() - 1
+    if cfg.timesteps is not None:  # explicit timesteps (Karras & co. are refused with them)
+        t = np.asarray(cfg.timesteps).astype(np.int64)
     rounds = cfg.beta_schedule != "squaredcos_cap_v2" or singlestep or unipc
     custom = S.convert_sigmas(cfg, sig_train[::-1], N, config_range=unipc)
     if not singlestep and cfg.use_lu_lambdas:
@@ -79,7 +81,7 @@ def _lambda(sigma):
 def _dpm_check(cfg, name):
     require(cfg, name, "DPMSolverMultistepScheduler" if name != "dpmpp_2s" else
             "DPMSolverSinglestepScheduler", sigmas=True, rescale=name != "dpmpp_2s",
-            threshold=True)
+            threshold=True, custom=("timesteps",))
     if (cfg.solver_type or "midpoint") != "midpoint":
         raise ValueError(f"sampler {name!r} implements solver_type='midpoint' only; "
                          f"got {cfg.solver_type!r}")

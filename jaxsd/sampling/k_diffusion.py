@@ -60,6 +60,13 @@ def _k_sigmas(cfg, num_steps, *, config_range=False, round_custom=False, final_s
     t = S.spaced_timesteps(spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset,
                            integer=False)
     sig_train = S.train_sigmas(cfg)
+    if cfg.sigmas is not None:  # explicit sigmas, the final one included: timesteps follow them
+        sigmas = np.asarray(cfg.sigmas, np.float64).astype(np.float32).astype(np.float64)
+        t = S.sigma_to_t(sigmas[:-1], sig_train)
+        init = sigmas.max() if spacing != "leading" else np.sqrt(sigmas.max() ** 2 + 1)
+        return t, sigmas, init
+    if cfg.timesteps is not None:  # explicit timesteps replace the spacing
+        t = np.asarray(cfg.timesteps, np.float64).astype(np.float32).astype(np.float64)
     if log_linear:  # torch.linspace(log s_min32, ...) in float32, then exp in float32
         f32 = np.float32
         logs = np.log(sig_train.astype(f32))
@@ -96,7 +103,8 @@ def _c_in(sigma):
 
 def euler_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """EulerDiscreteScheduler (s_churn = 0): Karras et al. 2022 Alg. 2 without churn = Alg. 1's Euler."""
-    require(cfg, "euler", "EulerDiscreteScheduler", sigmas=True, rescale=True)
+    require(cfg, "euler", "EulerDiscreteScheduler", sigmas=True, rescale=True,
+            custom=("timesteps", "sigmas"))
     S._check_choice("interpolation_type", cfg.interpolation_type, ("linear", "log_linear"))
     S._check_choice("timestep_type", cfg.timestep_type, ("discrete", "continuous"))
     final = (cfg.final_sigmas_type or "zero")
@@ -108,7 +116,7 @@ def euler_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
         # EDM-style models take c_noise = log(sigma) / 4 (Karras et al. 2022 Table 1), not t.
         # diffusers takes one timestep per sigma but the last: with log_linear, whose final
         # sigma it never reached, that is N + 1 steps, the last one to final_sigma.
-        if cfg.interpolation_type == "log_linear" and not S.custom_sigmas(cfg):
+        if cfg.interpolation_type == "log_linear" and not S.custom_sigmas(cfg) and cfg.sigmas is None:
             s = np.append(s, np.float32(last))
         t = np.float32(0.25) * np.log(s[:-1].astype(np.float32))
     consts = _k_consts(cfg.prediction_type, s[:-1], s[1:] - s[:-1])
@@ -138,7 +146,7 @@ def _interleave(first, second):
 
 def heun_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """HeunDiscreteScheduler: Karras et al. 2022 Alg. 1; the last step (to sigma = 0) is Euler."""
-    require(cfg, "heun", "HeunDiscreteScheduler", sigmas=True, clip=True)
+    require(cfg, "heun", "HeunDiscreteScheduler", sigmas=True, clip=True, custom=("timesteps",))
     t, s, init = _k_sigmas(cfg, num_steps)
     N = num_steps
     s_k, s_next = s[:-1], s[1:]

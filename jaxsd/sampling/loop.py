@@ -115,6 +115,11 @@ def make_plan(sampler: str, num_steps: int, schedule: ScheduleConfig) -> Plan:
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
         raise ValueError(f"num_steps={num_steps!r} must be an integer in [1, {T}] "
                          "(the schedule's num_train_timesteps)")
+    explicit = S.explicit_steps(schedule)
+    if explicit is not None and num_steps != explicit:
+        which = "timesteps" if schedule.timesteps is not None else "sigmas"
+        raise ValueError(f"num_steps={num_steps} does not match the schedule's explicit {which} "
+                         f"list, which makes {explicit} steps")
     return s.plan(S.with_betas(schedule, s.default_betas), int(num_steps))
 
 

@@ -60,6 +60,11 @@ class ScheduleConfig:
     use_lu_lambdas: bool = False  # DPM-Solver multistep: Lu et al. 2022 uniform-lambda steps
     solver_type: str | None = None  # UniPC "bh1"/"bh2" (default bh2); DPM-Solver "midpoint" only
     disable_corrector: tuple[int, ...] = ()  # UniPC: step indices that skip the corrector
+    # Not config keys in diffusers but arguments of set_timesteps(timesteps=, sigmas=): an explicit
+    # list replaces the spacing (e.g. Align Your Steps, `AYS`). num_steps must be its length
+    # (timesteps) or its length - 1 (sigmas, which end with the final sigma, usually 0).
+    timesteps: tuple[float, ...] | None = None  # descending, in [0, num_train_timesteps)
+    sigmas: tuple[float, ...] | None = None  # descending Karras sigmas, N + 1 of them
     thresholding: bool = False  # Imagen dynamic thresholding of x0 (pixel-space models; not SD)
     dynamic_thresholding_ratio: float = 0.995  # the quantile of |x0| that sets the threshold s
     sample_max_value: float = 1.0  # the largest threshold s
@@ -130,6 +135,20 @@ class ScheduleConfig:
         if sum([self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas]) > 1:
             raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, "
                              "use_beta_sigmas may be True")
+        if self.timesteps is not None and self.sigmas is not None:
+            raise ValueError("pass timesteps or sigmas, not both (diffusers' set_timesteps takes one)")
+        if self.timesteps is not None:
+            t = self.timesteps
+            if not t or not all(_is_number(v) and 0 <= v < T for v in t) or any(
+                    a <= b for a, b in zip(t, t[1:])):
+                raise ValueError(f"timesteps={list(t)!r} must be a non-empty, strictly descending list "
+                                 f"of numbers in [0, num_train_timesteps={T})")
+        if self.sigmas is not None:
+            s = self.sigmas
+            if len(s) < 2 or not all(_is_number(v) and v >= 0 for v in s) or any(
+                    a <= b for a, b in zip(s, s[1:])):
+                raise ValueError(f"sigmas={list(s)!r} must be a strictly descending list of at least "
+                                 "two non-negative numbers (N + 1 for N steps, usually ending with 0)")
         if not (_is_number(self.dynamic_thresholding_ratio) and 0 < self.dynamic_thresholding_ratio <= 1):
             raise ValueError(f"dynamic_thresholding_ratio={self.dynamic_thresholding_ratio!r} must be a "
                              "number in (0, 1] (diffusers: 0.995)")
@@ -330,6 +349,28 @@ def convert_sigmas(cfg: ScheduleConfig, sigmas: np.ndarray, n: int, *,
 def custom_sigmas(cfg: ScheduleConfig) -> bool:
     """Whether the config asks for Karras, exponential or beta sigmas."""
     return cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas
+
+
+# --- Align Your Steps (Sabour et al. 2024, "Align Your Steps: Optimizing Sampling Schedules in
+# Diffusion Models", arXiv 2404.14507): 10-step schedules optimised per model family, as NVIDIA
+# published them (the same numbers as diffusers' AysSchedules). Use with num_steps=10:
+#   dataclasses.replace(cfg, timesteps=AYS["sd1"]["timesteps"])   or   sigmas=AYS["sd1"]["sigmas"]
+
+AYS = {
+    "sd1": {"timesteps": (999, 850, 736, 645, 545, 455, 343, 233, 124, 24),
+            "sigmas": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.0)},
+    "sdxl": {"timesteps": (999, 845, 730, 587, 443, 310, 193, 116, 53, 13),
+             "sigmas": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.0)},
+}
+
+
+def explicit_steps(cfg: ScheduleConfig) -> int | None:
+    """The number of steps an explicit `timesteps` / `sigmas` list makes, or None."""
+    if cfg.timesteps is not None:
+        return len(cfg.timesteps)
+    if cfg.sigmas is not None:
+        return len(cfg.sigmas) - 1
+    return None
 
 
 # --- SD presets (as in the checkpoints' scheduler_config.json) ---------------------------------
