@@ -89,7 +89,7 @@ def test_from_config_drops_use_default_values():
     ("dynamic_thresholding_ratio", 1.5, "dynamic_thresholding_ratio=1.5 must be a number in"),
     ("sample_max_value", -1, "sample_max_value=-1 must be a positive number"),
     ("use_flow_sigmas", True, "use_flow_sigmas=True is not supported"),
-    ("solver_order", 3, "solver_order=3 is not supported"),
+    ("solver_order", 4, r"solver_order=4 must be 1, 2 or 3"),
     ("my_new_option", 1, "unknown scheduler config key 'my_new_option'"),
 ])
 def test_bad_config_raises(key, value, match):
@@ -123,6 +123,8 @@ def test_bad_num_steps(num_steps):
     ("dpmpp_2m", dict(solver_type="heun"), "solver_type='midpoint' only"),
     ("unipc", dict(solver_type="midpoint"), "solver_type='midpoint'"),
     ("lms", dict(clip_sample=True), "'lms'.*has no clip_sample"),
+    ("unipc", dict(solver_order=3), r"'unipc'.*solver_order in \[2\], got solver_order=3; DPM-Solver\+\+\(3M\)"),
+    ("dpmpp_2s", dict(solver_order=1), r"'dpmpp_2s'.*solver_order in \[2\]"),
 ])
 def test_unsupported_sampler_option_raises(name, options, match):
     cfg = dataclasses.replace(S.SD1_CONFIG, **options)

@@ -190,7 +190,23 @@ OPTIONS = [
     ("euler", dict(timestep_type="continuous", interpolation_type="log_linear")),
     ("dpmpp_2s", dict(final_sigmas_type="sigma_min")),
     ("unipc", dict(final_sigmas_type="sigma_min")),
+    ("dpmpp_2m", dict(solver_order=1)),
+    ("dpmpp_2m", dict(solver_order=3)),  # DPM-Solver++(3M)
+    ("dpmpp_2m_sde", dict(solver_order=3)),
+    ("dpmpp_2m_sde", dict(solver_order=3, lower_order_final=False)),
+    ("dpmpp_2m", dict(solver_order=3, euler_at_final=True, final_sigmas_type="sigma_min")),
 ]
+
+
+def test_third_order_is_not_second_order():
+    """solver_order=3 really uses m_{i-2}: 3M differs from 2M, in diffusers and here alike."""
+    raw3 = dict(CONFIGS["sd1"], solver_order=3)
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="dpmpp_2m", num_steps=7,
+                          schedule=ScheduleConfig.from_config(raw3)).latents
+    ref2, _ = diffusers_loop("dpmpp_2m", CONFIGS["sd1"], 7, LATENTS)
+    ref3, _ = diffusers_loop("dpmpp_2m", raw3, 7, LATENTS)
+    assert np.abs(ref3[-1] - ref2[-1]).max() > 1e-3
+    np.testing.assert_allclose(out, ref3[-1], rtol=0, atol=RTOL * np.abs(ref3[-1]).max())
 
 
 @pytest.mark.parametrize("num_steps", STEPS)
@@ -201,7 +217,8 @@ def test_options_match_diffusers_at_every_step_count(name, options, config, num_
     cfg = ScheduleConfig.from_config(raw)
     out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=num_steps,
                           schedule=cfg, key=KEY, return_trajectory=True)
-    ref, ref_t = diffusers_loop(name, raw, num_steps, LATENTS)
+    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(len(out.trajectory))])
+    ref, ref_t = diffusers_loop(name, raw, num_steps, LATENTS, noises)
     assert out.trajectory.shape == ref.shape
     np.testing.assert_allclose(sampling.make_plan(name, num_steps, cfg).timesteps, ref_t, atol=T_ATOL)
     scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))

@@ -108,7 +108,8 @@ def dynamic_threshold(x0: jax.Array, c: dict) -> jax.Array:
 
 
 def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, prediction_types=None,
-            sigmas=False, rescale=False, clip=False, threshold=False, custom=()) -> None:
+            sigmas=False, rescale=False, clip=False, threshold=False, custom=(),
+            orders=(2,)) -> None:
     """Raises if `cfg` asks `sampler` for something its diffusers class does not have.
 
     diffusers itself would silently ignore most of these (its from_config drops keys the class
@@ -142,6 +143,11 @@ def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, predicti
                 if getattr(cfg, option, False):
                     raise ValueError(f"{where}: an explicit {key} list cannot be combined with "
                                      f"{option}=True (diffusers refuses it too)")
+    order = 2 if cfg.solver_order is None else cfg.solver_order
+    if order not in orders:
+        raise ValueError(f"{where} supports solver_order in {list(orders)}, got solver_order={order!r}"
+                         + ("; DPM-Solver++(3M) is dpmpp_2m or dpmpp_2m_sde with solver_order=3"
+                            if order == 3 else ""))
     if cfg.thresholding and not threshold:
         raise ValueError(f"{where} has no thresholding (dynamic thresholding); set thresholding=False "
                          "or use ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, unipc or deis")

@@ -21,17 +21,18 @@ from jaxsd.sampling.k_diffusion import KState, _interleave, _k_sigmas
 
 @struct.dataclass
 class MultistepState:
-    """State of a two-step multistep solver (DPM-Solver++ 2M, 2S)."""
+    """State of a multistep solver (DPM-Solver++ 2M / 3M, 2S, DEIS)."""
 
     x: jnp.ndarray  # [B, H, W, C] current sample x_{t_i} (diffusers' `latents`)
     m_prev: jnp.ndarray  # [B, H, W, C] the previous evaluation's x0 prediction
+    m_prev2: jnp.ndarray  # [B, H, W, C] the one before (third order only)
     anchor: jnp.ndarray  # [B, H, W, C] 2S: the sample a second-order step starts from
     count: jnp.ndarray  # [] int32, evaluations done (diffusers' lower_order_nums)
 
 
 def init_multistep_state(x):
     z = jnp.zeros_like(x)
-    return MultistepState(x=x, m_prev=z, anchor=x, count=jnp.zeros((), jnp.int32))
+    return MultistepState(x=x, m_prev=z, m_prev2=z, anchor=x, count=jnp.zeros((), jnp.int32))
 
 
 def dpm_timesteps_and_sigmas(cfg, num_steps, *, spacing, singlestep=False, unipc=False):
@@ -78,64 +79,86 @@ def _lambda(sigma):
         return alpha, sigma_vp, np.log(alpha) - np.log(sigma_vp)
 
 
-def _dpm_check(cfg, name):
+def _dpm_check(cfg, name, orders=(2,)):
     require(cfg, name, "DPMSolverMultistepScheduler" if name != "dpmpp_2s" else
             "DPMSolverSinglestepScheduler", sigmas=True, rescale=name != "dpmpp_2s",
-            threshold=True, custom=("timesteps",))
+            threshold=True, custom=("timesteps",), orders=orders)
     if (cfg.solver_type or "midpoint") != "midpoint":
         raise ValueError(f"sampler {name!r} implements solver_type='midpoint' only; "
                          f"got {cfg.solver_type!r}")
 
 
 def _multistep_plan(cfg, num_steps, name, sde):
-    _dpm_check(cfg, name)
+    """DPMSolverMultistepScheduler with the config's solver_order: 1, 2 (the default) or 3 (3M)."""
+    _dpm_check(cfg, name, orders=(1, 2, 3))
+    order = 2 if cfg.solver_order is None else cfg.solver_order
     t, s, final = dpm_timesteps_and_sigmas(cfg, num_steps, spacing=cfg.timestep_spacing or "linspace")
     N = num_steps
     a, sv, lam = _lambda(s)  # [N + 1]
     i = np.arange(N)
+    prev = lambda v, k: np.concatenate([np.full(k, np.nan), v])[:len(v)]  # v[i - k]
     with np.errstate(divide="ignore", invalid="ignore"):
         h = lam[1:] - lam[:-1]
-        r0 = (lam[:-1] - np.concatenate([[np.nan], lam[:-2]])) / h  # h_{i-1} / h_i
-        if not sde:  # DPM-Solver++(2M), Lu et al. 2022b Alg. 2 (midpoint form of diffusers)
+        r0 = (lam[:-1] - prev(lam[:-1], 1)) / h  # h_{i-1} / h_i
+        r1 = (prev(lam[:-1], 1) - prev(lam[:-1], 2)) / h  # h_{i-2} / h_i
+        if not sde:  # DPM-Solver++, Lu et al. 2022b Alg. 2 (and its third-order extension)
             A = sv[1:] / sv[:-1]
-            B = -a[1:] * (np.exp(-h) - 1)
+            B = -a[1:] * np.expm1(-h)  # c0: the first-order (DDIM) weight of D0 = m0
+            c1 = a[1:] * (np.expm1(-h) / h + 1)  # weight of the first difference D1
+            c2 = -a[1:] * ((np.expm1(-h) + h) / h**2 - 0.5)  # weight of the second, D2
             C = np.zeros(N)
-        else:  # SDE-DPM-Solver++(2M), Lu et al. 2022b eq. (18) / Appendix
+        else:  # SDE-DPM-Solver++, Lu et al. 2022b eq. (18) / Appendix
             A = sv[1:] / sv[:-1] * np.exp(-h)
             B = a[1:] * (1 - np.exp(-2 * h))
+            c1 = a[1:] * ((1 - np.exp(-2 * h)) / (-2 * h) + 1)
+            c2 = a[1:] * ((1 - np.exp(-2 * h) - 2 * h) / (2 * h) ** 2 - 0.5)
             C = sv[1:] * np.sqrt(1 - np.exp(-2 * h))
-        # second order: D0 = m0, D1 = (m0 - m1) / r0, x_t = A x + B (D0 + D1 / 2) + C z
+        # second order (diffusers' "midpoint"): D1 = (m0 - m1) / r0, x_t = A x + B (D0 + D1 / 2)
         B0_2, B1_2 = B * (1 + 0.5 / r0), -B * 0.5 / r0
+        # third order: D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1, D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1),
+        # D2 = (D1_0 - D1_1)/(r0+r1); x_t = A x + B m0 + c1 D1 + c2 D2, expanded in m0, m1, m2.
+        P = c1 * (1 + r0 / (r0 + r1)) + c2 / (r0 + r1)  # weight of D1_0
+        Q = -(c1 * r0 + c2) / (r0 + r1)  # weight of D1_1
+        B0_3, B1_3, B2_3 = B + P / r0, -P / r0 + Q / r1, -Q / r1
     lof = True if cfg.lower_order_final is None else cfg.lower_order_final
     last_first_order = cfg.euler_at_final or (lof and N < 15) or final == "zero"
-    use2 = (i >= 1) & ~((i == N - 1) & last_first_order)
+    # diffusers' order at step i, before the warm-up (count) caps it again inside the scan.
+    cap = np.full(N, order)
+    cap[(i == N - 2) & lof & (N < 15)] = np.minimum(order, 2)  # lower_order_second
+    cap[(i == N - 1) & last_first_order] = 1
+    cap = np.minimum(cap, i + 1)
     x0_x, x0_out = x0_coefficients(cfg.prediction_type, a[:-1], sv[:-1])
-    consts = dict(x0_x=x0_x, x0_out=x0_out, A=A, B=B, C=C, use2=use2.astype(float),
+    keep = lambda v, k: np.where(cap >= k, v, 0.0)
+    consts = dict(x0_x=x0_x, x0_out=x0_out, A=A, B=B, C=C, cap=cap.astype(float),
                   **threshold_consts(cfg, N),
-                  B0_2=np.where(use2, B0_2, 0.0), B1_2=np.where(use2, B1_2, 0.0))
+                  B0_2=keep(B0_2, 2), B1_2=keep(B1_2, 2),
+                  B0_3=keep(B0_3, 3), B1_3=keep(B1_3, 3), B2_3=keep(B2_3, 3))
     return make_plan(t, np.ones(N), consts, a[:-1], sv[:-1], 1.0)
 
 
 def dpmpp_2m_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
-    """DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)."""
+    """DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"); solver_order=3 makes it 3M."""
     return _multistep_plan(cfg, num_steps, "dpmpp_2m", sde=False)
 
 
 def dpmpp_2m_sde_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
-    """DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)."""
+    """DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), the config's solver_order."""
     return _multistep_plan(cfg, num_steps, "dpmpp_2m_sde", sde=True)
 
 
 def dpm_multistep_step(state: MultistepState, model_output, c, noise) -> MultistepState:
-    """DPM-Solver++(2M): first order on the first evaluation (no history) and where the plan says."""
+    """DPM-Solver++(2M / 3M): order min(plan's cap, evaluations so far + 1), as diffusers'
+    lower_order_nums warm-up (so img2img starting mid-schedule warms up again)."""
     x = state.x
     m = dynamic_threshold(c["x0_x"] * x + c["x0_out"] * model_output, c)  # x0_theta(x_t, t)
-    second = (c["use2"] == 1) & (state.count >= 1)
-    x_new = c["A"] * x + jnp.where(second, c["B0_2"], c["B"]) * m
-    x_new = x_new + jnp.where(second, c["B1_2"], 0.0) * state.m_prev
+    order = jnp.minimum(c["cap"].astype(jnp.int32), state.count + 1)
+    b0 = jnp.where(order == 3, c["B0_3"], jnp.where(order == 2, c["B0_2"], c["B"]))
+    b1 = jnp.where(order == 3, c["B1_3"], jnp.where(order == 2, c["B1_2"], 0.0))
+    b2 = jnp.where(order == 3, c["B2_3"], 0.0)
+    x_new = c["A"] * x + b0 * m + b1 * state.m_prev + b2 * state.m_prev2
     if noise is not None:
         x_new = x_new + c["C"] * noise
-    return MultistepState(x=x_new, m_prev=m, anchor=x, count=state.count + 1)
+    return MultistepState(x=x_new, m_prev=m, m_prev2=state.m_prev, anchor=x, count=state.count + 1)
 
 
 # --- DPM-Solver++(2S), singlestep --------------------------------------------------------------
@@ -192,7 +215,7 @@ def dpm_singlestep_step(state: MultistepState, model_output, c, noise) -> Multis
     anchor = jnp.where(second, state.anchor, x)
     x_new = jnp.where(second, c["A2"], c["A1"]) * anchor + jnp.where(second, c["Bm0_2"], c["B1"]) * m
     x_new = x_new + jnp.where(second, c["Bm1_2"], 0.0) * state.m_prev
-    return MultistepState(x=x_new, m_prev=m, anchor=anchor, count=state.count + 1)
+    return MultistepState(x=x_new, m_prev=m, m_prev2=state.m_prev2, anchor=anchor, count=state.count + 1)
 
 
 # --- DPMSolverSDEScheduler ("DPM++ SDE") ------------------------------------------------------

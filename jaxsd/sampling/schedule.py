@@ -59,6 +59,7 @@ class ScheduleConfig:
     lambda_min_clipped: float = -math.inf  # DPM-Solver: clip the smallest log-SNR
     use_lu_lambdas: bool = False  # DPM-Solver multistep: Lu et al. 2022 uniform-lambda steps
     solver_type: str | None = None  # UniPC "bh1"/"bh2" (default bh2); DPM-Solver "midpoint" only
+    solver_order: int | None = None  # multistep solvers' highest order (default 2); dpmpp_2m*: 1, 2, 3
     disable_corrector: tuple[int, ...] = ()  # UniPC: step indices that skip the corrector
     # Not config keys in diffusers but arguments of set_timesteps(timesteps=, sigmas=): an explicit
     # list replaces the spacing (e.g. Align Your Steps, `AYS`). num_steps must be its length
@@ -135,6 +136,10 @@ class ScheduleConfig:
         if sum([self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas]) > 1:
             raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, "
                              "use_beta_sigmas may be True")
+        if self.solver_order is not None and (isinstance(self.solver_order, bool) or
+                                              self.solver_order not in (1, 2, 3)):
+            raise ValueError(f"solver_order={self.solver_order!r} must be 1, 2 or 3 (diffusers' "
+                             "multistep solvers; only dpmpp_2m and dpmpp_2m_sde take 1 and 3)")
         if self.timesteps is not None and self.sigmas is not None:
             raise ValueError("pass timesteps or sigmas, not both (diffusers' set_timesteps takes one)")
         if self.timesteps is not None:
@@ -162,7 +167,7 @@ _HARMLESS_AT_DEFAULT = {
     "predict_x0": True,
     "solver_p": None, "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
     "time_shift_type": "exponential", "shift_terminal": None, "noise_sampler_seed": None,
-    "solver_order": 2, "algorithm_type": "dpmsolver++",
+    "algorithm_type": "dpmsolver++",
 }
 
 

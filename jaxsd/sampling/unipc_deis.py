@@ -183,7 +183,7 @@ def deis_step(state: MultistepState, model_output, c, noise) -> MultistepState:
     second = (c["use2"] == 1) & (state.count >= 1)
     x_new = (jnp.where(second, c["A2"], c["A1"]) * x + jnp.where(second, c["B0_2"], c["B1"]) * e
              + jnp.where(second, c["B1_2"], 0.0) * state.m_prev)
-    return MultistepState(x=x_new, m_prev=e, anchor=x, count=state.count + 1)
+    return MultistepState(x=x_new, m_prev=e, m_prev2=state.m_prev2, anchor=x, count=state.count + 1)
 
 
 init_deis_state = init_multistep_state
