@@ -86,6 +86,7 @@ def test_from_config_drops_use_default_values():
     ("beta_schedule", "sigmoid", "beta_schedule='sigmoid'.*choose one of"),
     ("prediction_type", "flow_prediction", "prediction_type='flow_prediction'.*choose one of"),
     ("timestep_spacing", "middle", "timestep_spacing='middle'"),
+    ("beta_end", None, "beta_end=None must be a number in"),
     ("dynamic_thresholding_ratio", 1.5, "dynamic_thresholding_ratio=1.5 must be a number in"),
     ("sample_max_value", -1, "sample_max_value=-1 must be a positive number"),
     ("use_flow_sigmas", True, "use_flow_sigmas=True is not supported"),

@@ -81,6 +81,11 @@ class ScheduleConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in config.items():
+            if key in ("beta_start", "beta_end") and value is None:
+                # None here means "the sampler's default"; a config that writes null is broken
+                # (diffusers' torch.linspace fails on it).
+                raise ValueError(f"scheduler config key {key}=None must be a number in (0, 1) "
+                                 "(SD: 0.00085 and 0.012), or left out for the sampler's default")
             if key in fields:
                 if isinstance(value, list):
                     value = tuple(value)
