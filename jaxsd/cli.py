@@ -28,7 +28,7 @@ SAMPLER_LABELS = {
     "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
     "euler_a": "Euler a", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
     "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2s": "DPM++ 2S",
-    "dpmpp_sde": "DPM++ SDE", "unipc": "UniPC", "deis": "DEIS",
+    "dpmpp_sde": "DPM++ SDE", "unipc": "UniPC", "deis": "DEIS", "lcm": "LCM", "tcd": "TCD",
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -129,6 +129,11 @@ def check_generation_args(args) -> None:
     if args.seed is not None and args.seed + args.batch > 2**64:
         raise ValueError(f"--seed {args.seed} --batch {args.batch}: image i gets seed + i, which must "
                          f"stay below 2**64")
+    if not 0 <= args.eta <= 1:
+        raise ValueError(f"--eta {args.eta}: must be in [0, 1]")
+    if args.eta and args.scheduler is not None and args.scheduler not in ("ddim", "tcd"):
+        raise ValueError(f"--eta {args.eta} is ddim's eta or tcd's gamma; pass --scheduler ddim or tcd "
+                         f"(got --scheduler {args.scheduler})")
     strength = getattr(args, "strength", None)
     if strength is not None and not 0 < strength <= 1:
         raise ValueError(f"--strength {strength}: must be in (0, 1]")
@@ -186,8 +191,8 @@ def _generate(args) -> int:
     seed = args.seed if args.seed not in (None, -1) else secrets.randbelow(2**31)
     sampler = args.scheduler or pipe.scheduler
     common = dict(negative_prompt=args.negative, num_steps=args.steps, guidance_scale=args.guidance,
-                  scheduler=sampler, karras=args.karras, progress=True)
-    extra = {}
+                  scheduler=sampler, karras=args.karras, eta=args.eta, progress=True)
+    extra = {"Eta": args.eta} if args.eta else {}
     if args.command == "generate":
         width, height = args.size or (pipe.default_size, pipe.default_size)
         draw = lambda s: pipe.text_to_image(args.prompt, height=height, width=width, seed=s, **common)
@@ -242,8 +247,23 @@ def _info(args) -> int:
     return 0
 
 
+# Options beyond the basics, and the config that asks for each: a sampler "takes" one when its
+# plan accepts that config (the same check that refuses it otherwise).
+_OPTION_PROBES = (
+    ("exponential/beta sigmas", dict(use_exponential_sigmas=True)),
+    ("thresholding", dict(thresholding=True)),
+    ("clip_sample", dict(clip_sample=True)),
+    ("solver_order 1/3", dict(solver_order=3)),
+    ("timesteps=", dict(timesteps=(999, 600, 300, 100))),
+    ("sigmas=", dict(sigmas=(14.6, 3.0, 1.0, 0.3, 0.0))),
+    ("original_inference_steps", dict(original_inference_steps=40)),
+    ("timestep_scaling", dict(timestep_scaling=5.0)),
+)
+
+
 def _samplers(args) -> int:
-    """Every sampler: its diffusers scheduler, order, cost, noise and the schedules it can run."""
+    """Every sampler: its diffusers scheduler, order, cost, noise, the schedules it can run and
+    the options it takes."""
     import dataclasses
 
     from jaxsd import sampling
@@ -254,16 +274,26 @@ def _samplers(args) -> int:
     zero_snr = dataclasses.replace(sampling.SD1_CONFIG, rescale_betas_zero_snr=True, timestep_spacing="trailing",
                                    prediction_type="v_prediction")
     karras = dataclasses.replace(sampling.SD1_CONFIG, use_karras_sigmas=True)
-    runs = lambda name, cfg: "no" if sampling.refusal(name, cfg, args.steps) else "yes"
+    runs = lambda name, cfg, n=args.steps: "no" if sampling.refusal(name, cfg, n) else "yes"
+    eta = {"ddim": "eta", "tcd": "eta (its gamma)"}
+
+    def options(name):
+        taken = [label for label, change in _OPTION_PROBES
+                 if runs(name, dataclasses.replace(sampling.SD1_CONFIG, **change), 4) == "yes"]
+        return ", ".join(([eta[name]] if name in eta else []) + taken) or "-"
 
     print(f"| sampler | diffusers scheduler | order | evaluations, {args.steps} steps | fresh noise | "
-          f"Karras sigmas | zero terminal SNR |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"Karras sigmas | zero terminal SNR | options |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, s in sampling.SAMPLERS.items():
-        evals = sampling.make_plan(name, args.steps, sampling.SD1_CONFIG).timesteps.shape[0]
-        noise = "eta x (eta 0 by default)" if name == "ddim" else "every step" if s.stochastic else "no"
+        evals = (sampling.make_plan(name, args.steps, sampling.SD1_CONFIG).timesteps.shape[0]
+                 if runs(name, sampling.SD1_CONFIG) == "yes" else "refused")  # e.g. lcm: at most 50
+        noise = ("eta x (eta 0 by default)" if name == "ddim" else
+                 "when gamma > 0 (eta; 0 by default), not at the last step" if name == "tcd" else
+                 "every step but the last" if name == "lcm" else
+                 "every step" if s.stochastic else "no")
         print(f"| {name} | {s.diffusers} | {s.order} | {evals} | {noise} | "
-              f"{runs(name, karras)} | {runs(name, zero_snr)} |")
+              f"{runs(name, karras, 4)} | {runs(name, zero_snr, 4)} | {options(name)} |")
     return 0
 
 
@@ -334,6 +364,8 @@ def _add_generation_options(p, *, size_help: str):
     p.add_argument("--scheduler", default=None, help="sampler, e.g. euler, dpmpp_2m, ddim "
                    "(default: the checkpoint's own)")
     p.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim's eta, or tcd's gamma (the TCD "
+                   "authors use 0.3), in [0, 1] (default 0)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default, or -1: a random one, "
                    "recorded in the PNG)")
     p.add_argument("--size", type=_parse_size, default=None, help=size_help)

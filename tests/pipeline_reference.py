@@ -33,6 +33,7 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2s": ("DPMSolverSinglestepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}), "deis": ("DEISMultistepScheduler", {}),
+    "tcd": ("TCDScheduler", {}), "lcm": ("LCMScheduler", {}),
 }
 
 

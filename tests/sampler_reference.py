@@ -25,6 +25,8 @@ DIFFUSERS = {
     "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 # Samplers whose diffusers class has use_karras_sigmas.
@@ -103,7 +105,7 @@ def diffusers_loop(name, config, num_steps, latents_nhwc, noises_nhwc=None, eta=
             x_in = sched.scale_model_input(x, t)
             timesteps.append(float(t))
             out = torch_model(x_in, t)
-            kwargs = {"eta": eta} if name == "ddim" else {}
+            kwargs = {"eta": eta} if name in ("ddim", "tcd") else {}  # TCD: eta is its gamma
             x = sched.step(out, t, x, **kwargs).prev_sample
             trajectory.append(x.numpy().transpose(0, 2, 3, 1))
     finally:

@@ -41,6 +41,11 @@ def test_generate_writes_pngs_with_parameters_and_never_overwrites(sd1_folder, t
     assert prompt == "a red cube" and negative == "Negative prompt: blurry"
     assert fields == f"Steps: 2, Sampler: Euler Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: {sd1_folder.rstrip('/').split('/')[-1]}"
     assert (np.asarray(png) == np.asarray(Image.open(written[1]))).all()
+    # TCD's gamma goes in as --eta and is recorded
+    assert main(argv[:8] + ["--scheduler", "tcd", "--eta", "0.3", "--seed", "1", "--size", "64x64",
+                            "--out", str(tmp_path / "tcd")]) == 0
+    fields = Image.open(next((tmp_path / "tcd").glob("*.png"))).text["parameters"].splitlines()[-1]
+    assert fields.startswith("Steps: 2, Sampler: TCD, CFG scale: 7.5, Seed: 1,") and fields.endswith(", Eta: 0.3")
 
 
 def test_info(sd1_folder, capsys):
@@ -52,11 +57,11 @@ def test_info(sd1_folder, capsys):
 
 
 def test_info_names_the_samplers_the_built_in_model_refuses(capsys):
-    """tiny-shapes has a zero-terminal-SNR schedule: info lists the seven samplers that run it,
+    """tiny-shapes has a zero-terminal-SNR schedule: info lists the nine samplers that run it,
     then the eight whose diffusers class cannot, and why."""
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "samplers: ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, unipc\n" in out
+    assert "samplers: ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, tcd\n" in out
     assert ("samplers refused for this model's schedule: pndm, lms, heun, dpm2, dpm2_a, dpmpp_2s, "
             "dpmpp_sde, deis\n") in out
     assert "rescale_betas_zero_snr" in out
@@ -121,6 +126,8 @@ import pytest  # noqa: E402
     (["--size", "100x64"], "--size 100x64: width 100 must be a positive multiple of 16 for this model (the VAE "
                            "turns 4 x 4 pixels into one latent and the UNet halves the latent side 2 times: 4 x 4 = 16)"),
     (["--size", "64x100000"], "--size 64x100000: height 100000 must be a positive multiple of 16"),
+    (["--eta", "1.5", "--scheduler", "tcd"], "--eta 1.5: must be in [0, 1]"),
+    (["--eta", "0.3", "--scheduler", "euler"], "--eta 0.3 is ddim's eta or tcd's gamma; pass --scheduler ddim or tcd"),
 ])
 def test_generate_mistakes_are_reported_before_the_model_loads(monkeypatch, tmp_path, capsys, extra, message):
     import jaxsd.cli
@@ -265,7 +272,7 @@ def test_samplers_command_lists_each_with_what_its_diffusers_class_can_do(capsys
     lines = capsys.readouterr().out.splitlines()
     rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in lines[2:])}
     assert list(rows) == list(sampling.SAMPLERS)
-    for name, (_, scheduler, order, evals, _, karras, zero_snr) in rows.items():
+    for name, (_, scheduler, order, evals, _, karras, zero_snr, options) in rows.items():
         config = getattr(diffusers, scheduler.split("(")[0])().config
         assert karras == ("yes" if "use_karras_sigmas" in config else "no"), name
         assert zero_snr == ("yes" if "rescale_betas_zero_snr" in config else "no"), name
@@ -274,6 +281,11 @@ def test_samplers_command_lists_each_with_what_its_diffusers_class_can_do(capsys
             assert int(order) == config["solver_order"], name
     lms_order = inspect.signature(diffusers.LMSDiscreteScheduler.step).parameters["order"].default
     assert rows["lms"][2] == str(lms_order) and rows["heun"][3] == "49"
+    # the options column: what each plan accepts (TCD has LCM's config keys but uses fewer)
+    assert rows["ddim"][7] == "eta, thresholding, clip_sample"
+    assert rows["euler"][7] == "exponential/beta sigmas, timesteps=, sigmas="
+    assert rows["lcm"][7] == "thresholding, clip_sample, timesteps=, original_inference_steps, timestep_scaling"
+    assert rows["tcd"][7] == "eta (its gamma), timesteps=, original_inference_steps"
 
 
 def test_samplers_command_refuses_a_step_count_out_of_range(capsys):

@@ -14,8 +14,9 @@ from jaxsd import StableDiffusion
 from jaxsd.checkpoints.files import CheckpointError
 
 SIZE, STEPS = 64, 5
-DETERMINISTIC = ["ddim", "pndm", "lms", "euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_2s", "unipc", "deis"]
-KARRAS = [s for s in DETERMINISTIC if s not in ("ddim", "pndm")]
+# tcd: deterministic with the pipelines' default eta (its gamma) of 0
+DETERMINISTIC = ["ddim", "pndm", "lms", "euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_2s", "unipc", "deis", "tcd"]
+KARRAS = [s for s in DETERMINISTIC if s not in ("ddim", "pndm", "tcd")]
 CASES = ([(s, False) for s in DETERMINISTIC] + [(s, True) for s in KARRAS])
 
 
@@ -116,7 +117,7 @@ def test_bad_inputs_say_what_is_wrong(sd1, caplog):
         sd1.text_to_image(["a", "b"], negative_prompt=["x", "y", "z"], **kw)
     with pytest.raises(ValueError, match="unknown sampler='eulr'"):
         sd1.text_to_image(PROMPT, scheduler="eulr", **kw)
-    with pytest.raises(ValueError, match="eta=0.3 is DDIM's: sampler 'pndm' has none"):
+    with pytest.raises(ValueError, match=r"eta=0.3 is DDIM's \(and TCD's gamma\): sampler 'pndm' has none"):
         sd1.text_to_image(PROMPT, eta=0.3, **kw)
     with pytest.raises(ValueError, match="sampler 'pndm' has no Karras sigmas"):
         sd1.text_to_image(PROMPT, karras=True, **kw)

@@ -32,7 +32,7 @@ def python_loop(name, num_steps, cfg, latents, key, eta=0.0):
 @pytest.mark.parametrize("name", sorted(sampling.SAMPLERS))
 def test_scan_equals_python_loop(name):
     cfg = ScheduleConfig.from_config(CONFIGS["sd1"])
-    eta = 0.5 if name == "ddim" else 0.0   # only DDIM has an eta
+    eta = 0.5 if name in ("ddim", "tcd") else 0.0   # only DDIM has an eta (TCD: its gamma)
     scanned = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=7,
                               schedule=cfg, key=KEY, eta=eta).latents
     looped = python_loop(name, 7, cfg, LATENTS, KEY, eta=eta)
@@ -46,13 +46,19 @@ def test_pndm_runge_kutta_scan_equals_python_loop():
     np.testing.assert_allclose(scanned, python_loop("pndm", 7, cfg, LATENTS, KEY), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["euler", "pndm", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["euler", "pndm", "dpmpp_2m", "lcm", "tcd"])
 def test_schedules_share_one_program(name):
     """Betas, training length, spacing and sigma schedules are numbers: one compiled program."""
     configs = [dict(CONFIGS["linear_1100"], skip_prk_steps=True),
                dict(CONFIGS["cosine"], skip_prk_steps=True), CONFIGS["trailing"], CONFIGS["sd2_v"]]
-    if name != "pndm":
+    if name not in ("pndm", "lcm", "tcd"):
         configs.append(CONFIGS["karras"])
+    if name in ("lcm", "tcd"):
+        # LCM/TCD ignore timestep_spacing (as diffusers' do); TCD's alpha_bar table has the
+        # training length T as its shape, so a different T is a different program there.
+        configs.remove(CONFIGS["trailing"])
+        if name == "tcd":
+            configs = configs[1:]  # the 1100-step schedule
     run = lambda raw: sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=6,
                                       schedule=ScheduleConfig.from_config(raw), key=KEY).latents
     first = run(CONFIGS["sd1"])
@@ -60,6 +66,17 @@ def test_schedules_share_one_program(name):
     outs = [run(raw) for raw in configs]
     assert sampling._sample_jit._cache_size() == size
     assert all(not np.allclose(first, out) for out in outs)
+
+
+def test_tcd_gamma_is_traced():
+    """TCD's gamma (eta) picks the timestep s it steps to; still one program for every gamma."""
+    run = lambda eta: sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="tcd", num_steps=4,
+                                      schedule=SD1_CONFIG, key=KEY, eta=eta).latents
+    outs = [run(0.0)]
+    size = sampling._sample_jit._cache_size()
+    outs += [run(eta) for eta in (0.3, 0.7, 1.0)]
+    assert sampling._sample_jit._cache_size() == size
+    assert all(not np.allclose(a, b) for a, b in zip(outs, outs[1:]))
 
 
 def test_explicit_lists_of_one_length_share_one_program():
@@ -160,7 +177,9 @@ def diffusers_img2img(name, config, num_steps, strength, init_latents, noise, st
         for i, t in enumerate(timesteps):
             current["noise"] = nchw(step_noises[t_start * sched.order + i])
             out = torch_model(sched.scale_model_input(x, t), t)
-            x = sched.step(out, t, x).prev_sample
+            # the pipeline passes its eta (0 by default) to a step that takes one: TCD's gamma
+            # would otherwise default to 0.3 in TCDScheduler.step
+            x = sched.step(out, t, x, **({"eta": 0.0} if name in ("ddim", "tcd") else {})).prev_sample
     finally:
         if saved is not None:
             module.randn_tensor = saved
@@ -198,6 +217,6 @@ def test_first_step_for_strength_is_diffusers_get_timesteps():
 
 
 def test_eta_with_a_sampler_that_has_none_is_refused():
-    with pytest.raises(ValueError, match=r"eta=0\.5 is DDIM's: sampler 'euler' has none"):
+    with pytest.raises(ValueError, match=r"eta=0\.5 is DDIM's \(and TCD's gamma\): sampler 'euler' has none"):
         sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="euler", num_steps=3, schedule=SD1_CONFIG,
                         eta=0.5)

@@ -57,7 +57,7 @@ def test_trajectory_matches_diffusers(name, config, num_steps):
     plan = sampling.make_plan(name, num_steps, cfg)
     big_t = name == "dpm2_a" and num_steps == 2
     np.testing.assert_allclose(plan.timesteps, ref_t, rtol=0, atol=1.5e-2 if big_t else T_ATOL)
-    if name in ("ddim", "ddpm", "pndm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s", "unipc", "deis"):
+    if name in ("ddim", "ddpm", "pndm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s", "unipc", "deis", "lcm"):
         np.testing.assert_array_equal(plan.timesteps, ref_t)  # integer timesteps: exact
     tol = DPM2_A_N2 if big_t else RTOL
     scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
@@ -226,7 +226,7 @@ def test_options_match_diffusers_at_every_step_count(name, options, config, num_
     assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
 
 
-THRESHOLDING = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s", "unipc", "deis")
+THRESHOLDING = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s", "unipc", "deis", "lcm")
 # Two samples at different scales, so that each gets its own threshold s.
 BATCH2 = np.concatenate([LATENTS, 3 * LATENTS[:, ::-1]]).astype(np.float32)
 
@@ -261,13 +261,74 @@ def test_dynamic_thresholding_matches_diffusers(name, config, num_steps):
     assert (np.abs(plain - trajectory).max() > 1e-3) == (np.abs(ref_plain - ref).max() > 1e-3)
 
 
-def test_thresholding_refused_where_diffusers_has_none():
-    with pytest.raises(ValueError, match=r"'euler'.*has no thresholding.*ddim, ddpm"):
-        sampling.make_plan("euler", 5, ScheduleConfig.from_config(dict(CONFIGS["sd1"], thresholding=True)))
+@pytest.mark.parametrize("num_steps", (1, 2, 4, 8, 50))
+@pytest.mark.parametrize("config", ["sd1", "sd2_v", "linear_1100"])
+@pytest.mark.parametrize("name,options,eta", [
+    ("tcd", {}, 0.3), ("tcd", {}, 1.0), ("tcd", dict(original_inference_steps=100), 0.5),
+    ("lcm", dict(original_inference_steps=100, timestep_scaling=5.0), 0.0),
+    ("lcm", dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 0.0),
+])
+def test_consistency_samplers_match_diffusers(name, options, eta, config, num_steps):
+    """LCM and TCD with their own options: TCD's gamma (diffusers' and jaxsd's `eta`; fresh
+    noise at every step but the last when it is > 0), a longer distillation schedule, LCM's
+    timestep_scaling, zero terminal SNR (diffusers' LCM ignores timestep_spacing, and so does
+    jaxsd's). The default options run in test_trajectory_matches_diffusers."""
+    raw = dict(CONFIGS[config], **options)
+    cfg = ScheduleConfig.from_config(raw)
+    out = sampling.sample(jax_model, jnp.asarray(BATCH2), sampler=name, num_steps=num_steps,
+                          schedule=cfg, key=KEY, eta=eta, return_trajectory=True)
+    trajectory = np.asarray(out.trajectory)
+    noises = np.stack([sampling.step_noise(KEY, i, BATCH2.shape) for i in range(len(trajectory))])
+    ref, ref_t = diffusers_loop(name, raw, num_steps, BATCH2, noises, eta=eta)
+    np.testing.assert_array_equal(sampling.make_plan(name, num_steps, cfg).timesteps, ref_t)
+    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
+    err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
+    assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
+    if name == "tcd" and num_steps > 1:  # gamma > 0 draws noise: another key, another result
+        other = sampling.sample(jax_model, jnp.asarray(BATCH2), sampler=name, num_steps=num_steps,
+                                schedule=cfg, key=jax.random.key(7), eta=eta)
+        assert np.abs(np.asarray(other.latents) - trajectory[-1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+def test_consistency_samplers_refuse_more_steps_than_distilled(name):
+    from sampler_reference import _scheduler_class
+
+    raw = dict(CONFIGS["sd1"], original_inference_steps=8)
+    with pytest.raises(ValueError):  # diffusers refuses it too
+        _scheduler_class(DIFFUSERS[name][0]).from_config(raw).set_timesteps(9)
+    with pytest.raises(ValueError, match=rf"'{name}' takes at most original_inference_steps=8 steps.*num_steps=9"):
+        sampling.make_plan(name, 9, ScheduleConfig.from_config(raw))
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5])
+def test_tcd_gamma_outside_unit_interval_refused(eta):
+    with pytest.raises(ValueError, match=rf"eta={eta} is TCD's gamma and must be in \[0, 1\]"):
+        sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="tcd", num_steps=2,
+                        schedule=ScheduleConfig.from_config(CONFIGS["sd1"]), eta=eta)
+
+
+def test_consistency_options_refused_elsewhere():
+    with pytest.raises(ValueError, match=r"'euler'.*has no original_inference_steps.*'lcm' or 'tcd'"):
+        sampling.make_plan("euler", 4, ScheduleConfig.from_config(dict(CONFIGS["sd1"], original_inference_steps=8)))
+    # TCDScheduler has the key, but its step never reads it
+    with pytest.raises(ValueError, match=r"'tcd'.*has no timestep_scaling.*'lcm'"):
+        sampling.make_plan("tcd", 4, ScheduleConfig.from_config(dict(CONFIGS["sd1"], timestep_scaling=5.0)))
+
+
+@pytest.mark.parametrize("name", ["euler", "tcd"])
+def test_thresholding_refused_where_diffusers_has_none(name):
+    """TCDScheduler takes thresholding and clip_sample keys but its step never reads them."""
+    with pytest.raises(ValueError, match=rf"'{name}'.*has no thresholding.*ddim, ddpm"):
+        sampling.make_plan(name, 5, ScheduleConfig.from_config(dict(CONFIGS["sd1"], thresholding=True)))
+    if name == "tcd":
+        with pytest.raises(ValueError, match=r"'tcd'.*has no clip_sample"):
+            sampling.make_plan(name, 5, ScheduleConfig.from_config(dict(CONFIGS["sd1"], clip_sample=True)))
 
 
 EXPLICIT = [("euler", "timesteps"), ("euler", "sigmas"), ("heun", "timesteps"), ("ddpm", "timesteps"),
-            ("dpmpp_2m", "timesteps"), ("dpmpp_2m_sde", "timesteps"), ("dpmpp_2s", "timesteps")]
+            ("dpmpp_2m", "timesteps"), ("dpmpp_2m_sde", "timesteps"), ("dpmpp_2s", "timesteps"),
+            ("lcm", "timesteps"), ("tcd", "timesteps")]
 
 
 def explicit_list(kind, config, num_steps):

@@ -126,12 +126,14 @@ grid.save(out / "quickstart_seeds.png")
 grid
 
 # %% [markdown]
-# **Sampler.** `scheduler=` picks how the noise is removed, from the 15 diffusers samplers
-# (`jaxsd.SAMPLERS`); the default is the one the checkpoint's `scheduler_config.json` names. They
-# solve the same equation by different numerical methods (the *Schedulers as ODE
-# solvers* tutorial); the stochastic ones add fresh noise on the way and land elsewhere.
-# `tiny-shapes` was trained on a zero-terminal-SNR schedule, which seven of them can run (ddim,
-# ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, unipc); jaxsd refuses the others on it with an
+# **Sampler.** `scheduler=` picks how the noise is removed, from the 17 diffusers samplers
+# (`jaxsd.SAMPLERS`); the default is the one the checkpoint's `scheduler_config.json` names.
+# Fifteen solve the same equation by different numerical methods (the *Schedulers as ODE
+# solvers* tutorial); the stochastic ones add fresh noise on the way and land elsewhere. The
+# other two, `lcm` and `tcd`, are for consistency-distilled models (LCM, TCD), in 1-8 steps.
+# `tiny-shapes` was trained on a zero-terminal-SNR schedule, which seven of the fifteen can run
+# (ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, unipc; lcm and tcd can too); jaxsd
+# refuses the others on it with an
 # error that lists these, as their diffusers classes cannot express that schedule.
 
 # %%

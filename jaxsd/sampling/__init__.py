@@ -9,6 +9,7 @@ checkpoints. Read in this order:
     k_diffusion.py  euler, euler_a, heun, dpm2, dpm2_a, lms   (Karras sigmas, scaled UNet input)
     dpm_solver.py   dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, dpmpp_sde
     unipc_deis.py   unipc, deis
+    consistency.py  lcm, tcd                                  (consistency-distilled models)
     loop.py         names -> samplers, and the whole loop as one jitted ``jax.lax.scan``
 """
 from jaxsd.sampling.loop import (SAMPLER_OF_SCHEDULER, SAMPLERS, Sampled, Sampler, add_noise, check_eta,

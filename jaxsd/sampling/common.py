@@ -109,7 +109,7 @@ def dynamic_threshold(x0: jax.Array, c: dict) -> jax.Array:
 
 def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, prediction_types=None,
             sigmas=False, rescale=False, clip=False, threshold=False, custom=(),
-            orders=(2,)) -> None:
+            orders=(2,), consistency=()) -> None:
     """Raises if `cfg` asks `sampler` for something its diffusers class does not have.
 
     diffusers itself would silently ignore most of these (its from_config drops keys the class
@@ -128,13 +128,13 @@ def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, predicti
                                  "dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, dpmpp_sde, unipc, deis)")
     if cfg.rescale_betas_zero_snr and not rescale:
         raise ValueError(f"{where} has no rescale_betas_zero_snr; set it False or use ddim, ddpm, "
-                         "euler, euler_a, dpmpp_2m, dpmpp_2m_sde or unipc")
+                         "euler, euler_a, dpmpp_2m, dpmpp_2m_sde, unipc, lcm or tcd")
     if cfg.clip_sample and not clip:
         raise ValueError(f"{where} has no clip_sample; set clip_sample=False")
     for key in ("timesteps", "sigmas"):
         if getattr(cfg, key) is not None:
             if key not in custom:
-                takes = {"timesteps": "euler, heun, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s",
+                takes = {"timesteps": "euler, heun, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, lcm, tcd",
                          "sigmas": "euler"}[key]
                 raise ValueError(f"{where} takes no explicit {key} list (its set_timesteps has no "
                                  f"{key}=); samplers that do: {takes}")
@@ -150,4 +150,8 @@ def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, predicti
                             if order == 3 else ""))
     if cfg.thresholding and not threshold:
         raise ValueError(f"{where} has no thresholding (dynamic thresholding); set thresholding=False "
-                         "or use ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, unipc or deis")
+                         "or use ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, unipc, deis or lcm")
+    for key, default, users in (("original_inference_steps", 50, "'lcm' or 'tcd'"),
+                                ("timestep_scaling", 10.0, "'lcm'")):
+        if key not in consistency and getattr(cfg, key) != default:
+            raise ValueError(f"{where} has no {key}; leave it at {default} or use the sampler {users}")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsd.sampling import consistency as cm
 from jaxsd.sampling import ddpm_family as ddpm
 from jaxsd.sampling import dpm_solver as dpm
 from jaxsd.sampling import k_diffusion as kd
@@ -42,7 +43,7 @@ class Sampler:
     step: Callable[..., Any]  # (state, model_output, c, noise) -> state, pure
     stochastic: bool = False  # draws fresh Gaussian noise at every evaluation
     order: int = 1  # the order of the method as diffusers configures it by default
-    default_betas: tuple[float, float] = S.DDPM_BETAS  # beta_start, beta_end a config may omit
+    default_betas: tuple = S.DDPM_BETAS  # beta_start, beta_end, beta_schedule a config may omit
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
@@ -73,6 +74,10 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
             dpm.dpmpp_sde_step, stochastic=True, order=2, default_betas=S.SD_BETAS),
     Sampler("unipc", "UniPCMultistepScheduler", ud.unipc_plan, ud.init_unipc_state, ud.unipc_step, order=2),
     Sampler("deis", "DEISMultistepScheduler", ud.deis_plan, ud.init_deis_state, ud.deis_step, order=2),
+    Sampler("lcm", "LCMScheduler", cm.lcm_plan, ddpm.init_latent_state, cm.lcm_step,
+            stochastic=True, default_betas=S.LCM_BETAS),
+    Sampler("tcd", "TCDScheduler", cm.tcd_plan, ddpm.init_latent_state, cm.tcd_step,
+            stochastic=True, default_betas=S.LCM_BETAS),  # fresh noise when gamma (eta) > 0
 ]}
 
 
@@ -91,7 +96,7 @@ SAMPLER_OF_SCHEDULER = {
     "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2_a",
     "DPMSolverMultistepScheduler": "dpmpp_2m", "DPMSolverSinglestepScheduler": "dpmpp_2s",
     "DPMSolverSDEScheduler": "dpmpp_sde", "UniPCMultistepScheduler": "unipc",
-    "DEISMultistepScheduler": "deis",
+    "DEISMultistepScheduler": "deis", "LCMScheduler": "lcm", "TCDScheduler": "tcd",
 }
 
 
@@ -134,12 +139,18 @@ def refusal(sampler: str, schedule: ScheduleConfig, num_steps: int = 25) -> str 
 
 
 def check_eta(sampler: str, eta) -> None:
-    """Only DDIM has an eta (diffusers passes it only to a scheduler whose step takes it): a
-    nonzero one for another sampler is refused, not ignored. A traced eta is not checked."""
+    """Only DDIM (its eta) and TCD (its gamma, which diffusers also passes as `eta`) take one
+    (diffusers passes eta only to a scheduler whose step takes it): a nonzero one for another
+    sampler is refused, not ignored, as is a TCD gamma outside [0, 1]. A traced eta is not checked."""
     s = get_sampler(sampler)
-    if s.name != "ddim" and not isinstance(eta, jax.core.Tracer) and np.any(np.asarray(eta) != 0):
-        raise ValueError(f"eta={eta!r} is DDIM's: sampler {s.name!r} has none (diffusers' {s.diffusers} "
-                         f"takes no eta); leave it 0 or use the sampler 'ddim'")
+    if isinstance(eta, jax.core.Tracer):
+        return
+    if s.name == "tcd" and not np.all((np.asarray(eta) >= 0) & (np.asarray(eta) <= 1)):
+        raise ValueError(f"eta={eta!r} is TCD's gamma and must be in [0, 1] (0: deterministic; "
+                         "the TCD authors use 0.3)")
+    if s.name not in ("ddim", "tcd") and np.any(np.asarray(eta) != 0):
+        raise ValueError(f"eta={eta!r} is DDIM's (and TCD's gamma): sampler {s.name!r} has none "
+                         f"(diffusers' {s.diffusers} takes no eta); leave it 0 or use 'ddim' or 'tcd'")
 
 
 def step_noise(key: jax.Array, i, shape) -> jax.Array:
@@ -190,8 +201,8 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     :param num_steps: the number of inference steps N (evaluations: N, 2N - 1, N + 1 or N + 9).
     :param schedule: the checkpoint's `ScheduleConfig`.
     :param key: PRNG key for the stochastic samplers (evaluation i uses `step_noise(key, i, ...)`).
-    :param eta: DDIM's eta (traced). Only 'ddim' has one (diffusers passes eta only to a
-        scheduler whose step takes it); a nonzero eta with another sampler is refused.
+    :param eta: DDIM's eta, or TCD's gamma (traced). Only 'ddim' and 'tcd' take one (diffusers
+        passes eta only to a scheduler whose step takes it); a nonzero eta elsewhere is refused.
     :param init_latents: img2img: the encoded image latents; `first_step` evaluations are skipped.
     :param first_step: evaluations to skip (traced); see `first_step_for_strength`.
     :param return_trajectory: also return the latents after every evaluation.

@@ -11,7 +11,8 @@ The semantics are those of diffusers' schedulers (v0.42), which read the checkpo
 takes the *target* scheduler's default, which for some keys differs between schedulers
 (`timestep_spacing` is "leading" for DDIM/DDPM/PNDM and "linspace" for the rest; `beta_start` and
 `beta_end` are the DDPM paper's 0.0001 and 0.02 for most, but 0.00085 and 0.012 for Heun, KDPM2,
-KDPM2Ancestral and DPMSolverSDE). Those keys are `None` here and each sampler fills in its
+KDPM2Ancestral, DPMSolverSDE, LCM and TCD; `beta_schedule` is "linear" for all but LCM and TCD,
+which default to "scaled_linear"). Those keys are `None` here and each sampler fills in its
 diffusers default (`with_betas`).
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ class ScheduleConfig:
     num_train_timesteps: int = 1000  # T, the number of diffusion steps the UNet was trained on
     beta_start: float | None = None  # beta_1; None: the sampler's diffusers default (below); SD 0.00085
     beta_end: float | None = None  # beta_T; None: the sampler's diffusers default; SD 0.012
-    beta_schedule: str = "linear"  # SD: "scaled_linear" (linear in sqrt(beta))
+    beta_schedule: str | None = None  # None: the sampler's default ("linear"; LCM/TCD "scaled_linear")
     trained_betas: tuple[float, ...] | None = None  # explicit betas; overrides beta_schedule
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023, "Common diffusion noise schedules..." Alg. 1
     prediction_type: str = "epsilon"  # what the UNet predicts: epsilon, v_prediction (SD 2.x 768), sample
@@ -69,6 +70,8 @@ class ScheduleConfig:
     thresholding: bool = False  # Imagen dynamic thresholding of x0 (pixel-space models; not SD)
     dynamic_thresholding_ratio: float = 0.995  # the quantile of |x0| that sets the threshold s
     sample_max_value: float = 1.0  # the largest threshold s
+    original_inference_steps: int = 50  # LCM/TCD: the distillation schedule's number of steps
+    timestep_scaling: float = 10.0  # LCM: c_skip/c_out see t * timestep_scaling
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ScheduleConfig":
@@ -134,7 +137,8 @@ class ScheduleConfig:
                     raise ValueError(f"{name}={value!r} must be a number in (0, 1) (SD: 0.00085 and 0.012)")
             if None not in (self.beta_start, self.beta_end) and self.beta_start > self.beta_end:
                 raise ValueError(f"beta_start={self.beta_start} must not exceed beta_end={self.beta_end}")
-        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.beta_schedule is not None:
+            _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.timestep_spacing is not None:
             _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
@@ -164,6 +168,13 @@ class ScheduleConfig:
                              "number in (0, 1] (diffusers: 0.995)")
         if not (_is_number(self.sample_max_value) and self.sample_max_value > 0):
             raise ValueError(f"sample_max_value={self.sample_max_value!r} must be a positive number")
+        n = self.original_inference_steps
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
+            raise ValueError(f"original_inference_steps={n!r} must be an integer in [1, "
+                             f"num_train_timesteps={T}] (LCM/TCD: 50)")
+        if not (_is_number(self.timestep_scaling) and self.timestep_scaling > 0):
+            raise ValueError(f"timestep_scaling={self.timestep_scaling!r} must be a positive number "
+                             "(LCM: 10.0)")
 
 
 # Keys that other diffusers schedulers write into their configs. They change nothing while they
@@ -176,18 +187,22 @@ _HARMLESS_AT_DEFAULT = {
 }
 
 
-# diffusers' defaults for beta_start / beta_end, by scheduler class: the DDPM paper's linear
-# 1e-4..0.02, except for the classes ported from k-diffusion ("sensible defaults", SD's values).
-DDPM_BETAS = (0.0001, 0.02)
-SD_BETAS = (0.00085, 0.012)
+# diffusers' defaults for beta_start / beta_end / beta_schedule, by scheduler class: the DDPM
+# paper's linear 1e-4..0.02, except for the classes ported from k-diffusion ("sensible defaults",
+# SD's values on a linear schedule) and LCM/TCD (SD's own scaled_linear schedule).
+DDPM_BETAS = (0.0001, 0.02, "linear")
+SD_BETAS = (0.00085, 0.012, "linear")
+LCM_BETAS = (0.00085, 0.012, "scaled_linear")
 
 
-def with_betas(cfg: ScheduleConfig, default: tuple[float, float] = DDPM_BETAS) -> ScheduleConfig:
-    """`cfg` with beta_start / beta_end that the config left out set to the sampler's default."""
-    if cfg.beta_start is not None and cfg.beta_end is not None:
+def with_betas(cfg: ScheduleConfig, default: tuple[float, float, str] = DDPM_BETAS) -> ScheduleConfig:
+    """`cfg` with the beta_start / beta_end / beta_schedule it left out set to the sampler's default."""
+    if None not in (cfg.beta_start, cfg.beta_end, cfg.beta_schedule):
         return cfg
-    out = dataclasses.replace(cfg, beta_start=default[0] if cfg.beta_start is None else cfg.beta_start,
-                              beta_end=default[1] if cfg.beta_end is None else cfg.beta_end)
+    pick = lambda value, fallback: fallback if value is None else value
+    out = dataclasses.replace(cfg, beta_start=pick(cfg.beta_start, default[0]),
+                              beta_end=pick(cfg.beta_end, default[1]),
+                              beta_schedule=pick(cfg.beta_schedule, default[2]))
     out.validate()
     return out
 
