@@ -421,3 +421,19 @@ def test_exponential_beta_first_timestep(name, option):
     _, ref_t = diffusers_loop(name, raw, 7, LATENTS)
     assert plan.timesteps[0] == 999 and ref_t[0] == 998
     np.testing.assert_array_equal(plan.timesteps[1:], ref_t[1:])
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd", "ddim", "euler", "heun"])
+def test_empty_config_takes_each_classes_defaults(name):
+    """A config that says nothing gets the chosen class's own defaults, which differ: LCM and TCD
+    default to SD's scaled_linear 0.00085..0.012, Heun to those numbers on a linear schedule, DDIM
+    and Euler to the DDPM paper's linear 1e-4..0.02."""
+    cfg = ScheduleConfig.from_config({})
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=4, schedule=cfg,
+                          key=KEY, return_trajectory=True)
+    trajectory = np.asarray(out.trajectory)
+    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(len(trajectory))])
+    ref, _ = diffusers_loop(name, {}, 4, LATENTS, noises)
+    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
+    err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
+    assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
