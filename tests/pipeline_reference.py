@@ -51,8 +51,9 @@ def _rerandomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
 
 
-def build_components(*, sd2: bool = False, inpainting: bool = False, seed: int = 0):
-    """(tokenizer, text_encoder, unet, vae) with random weights: SD 1-style or SD 2-style."""
+def build_components(*, sd2: bool = False, inpainting: bool = False, seed: int = 0, lcm: bool = False):
+    """(tokenizer, text_encoder, unet, vae) with random weights: SD 1-style or SD 2-style; `lcm`:
+    a latent consistency model's UNet, which embeds the guidance scale (time_cond_proj_dim)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -69,7 +70,7 @@ def build_components(*, sd2: bool = False, inpainting: bool = False, seed: int =
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 4,
-        use_linear_projection=sd2, upcast_attention=sd2)
+        use_linear_projection=sd2, upcast_attention=sd2, time_cond_proj_dim=24 if lcm else None)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
@@ -82,13 +83,15 @@ def build_components(*, sd2: bool = False, inpainting: bool = False, seed: int =
     return tokenizer, text_encoder.eval(), unet.eval(), vae.eval()
 
 
-def save_checkpoint(folder, *, sd2: bool = False, inpainting: bool = False, seed: int = 0) -> str:
-    """Save a random SD checkpoint in diffusers' layout to ``folder``; returns the path."""
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+def save_checkpoint(folder, *, sd2: bool = False, inpainting: bool = False, seed: int = 0,
+                    lcm: bool = False) -> str:
+    """Save a random SD checkpoint in diffusers' layout to ``folder``; returns the path. `lcm`: a
+    latent consistency model (LCM UNet, LCMScheduler), as SimianLuo/LCM_Dreamshaper_v7."""
+    from diffusers import DDIMScheduler, LCMScheduler, PNDMScheduler, StableDiffusionPipeline
 
-    tokenizer, text_encoder, unet, vae = build_components(sd2=sd2, inpainting=inpainting, seed=seed)
+    tokenizer, text_encoder, unet, vae = build_components(sd2=sd2, inpainting=inpainting, seed=seed, lcm=lcm)
     config = dict(SCHEDULER_SD2 if sd2 else SCHEDULER_SD1)
-    scheduler = (DDIMScheduler if sd2 else PNDMScheduler).from_config(config)
+    scheduler = (LCMScheduler if lcm else DDIMScheduler if sd2 else PNDMScheduler).from_config(config)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -48,6 +48,60 @@ def test_text_to_image_matches_diffusers(version, sampler, karras, request):
     assert diff <= 2
 
 
+@pytest.fixture(scope="module")
+def lcm_folder(tmp_path_factory):
+    from pipeline_reference import save_checkpoint
+    return save_checkpoint(tmp_path_factory.mktemp("lcm"), lcm=True, seed=3)
+
+
+@pytest.mark.parametrize("sampler,steps,guidance", [("lcm", 4, 8.0), ("lcm", 1, 1.0), ("tcd", 4, 3.0)])
+def test_latent_consistency_model_matches_diffusers(lcm_folder, sampler, steps, guidance):
+    """An LCM checkpoint (UNet with time_cond_proj_dim, LCMScheduler): the guidance scale goes
+    into the UNet as an embedding, one pass per step, no classifier-free guidance, as diffusers'
+    StableDiffusionPipeline does. LCM's fresh noise at each step is jaxsd's, handed to diffusers."""
+    import diffusers.schedulers.scheduling_lcm as lcm_module
+
+    from jaxsd import sampling
+    from jaxsd.pipelines.stable_diffusion import key_from_seed
+
+    pipe = StableDiffusion.from_pretrained(lcm_folder)
+    assert pipe.scheduler == "lcm" and pipe.embeds_guidance
+    seed, shape = 5, (1, SIZE // 8, SIZE // 8, 4)
+    sampler_key = jax.random.split(key_from_seed(seed), 3)[1]
+    noises = [torch.from_numpy(np.asarray(sampling.step_noise(sampler_key, i, shape))).permute(0, 3, 1, 2)
+              for i in range(steps)]
+    reference = reference_pipeline(lcm_folder, sampler=None if sampler == "lcm" else sampler)
+    nchw, nhwc = torch_noise(shape, seed)
+    saved, lcm_module.randn_tensor = lcm_module.randn_tensor, lambda *a, **k: noises.pop(0)
+    try:
+        with torch.no_grad():
+            expected = reference(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=SIZE,
+                                 width=SIZE, latents=nchw, output_type="np").images
+    finally:
+        lcm_module.randn_tensor = saved
+    ours = pipe.text_to_image(PROMPT, num_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE,
+                              latents=nhwc, seed=seed, scheduler=sampler)
+    diff = max_diff(ours, to_uint8(expected))
+    print(f"lcm checkpoint, {sampler} {steps} steps, w = {guidance}: max pixel difference {diff}/255")
+    assert diff <= 2
+    # the guidance scale is an input here, not a mix of two passes: another w, another image
+    other = pipe.text_to_image(PROMPT, num_steps=steps, guidance_scale=guidance + 3, height=SIZE, width=SIZE,
+                               latents=nhwc, seed=seed, scheduler=sampler)
+    assert max_diff(other, ours) > 2
+
+
+def test_negative_prompt_without_guidance_is_reported(lcm_folder, sd1, caplog):
+    """No classifier-free guidance (w <= 1, or an LCM UNet), so a negative prompt does nothing
+    (as in diffusers): said in a warning, not silently dropped."""
+    lcm = StableDiffusion.from_pretrained(lcm_folder)
+    for pipe, w, why in ((lcm, 8.0, "time_cond_proj_dim"), (sd1, 1.0, "guidance_scale <= 1")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="jaxsd.pipelines.stable_diffusion"):
+            pipe.text_to_image(PROMPT, negative_prompt="blurry", num_steps=1, guidance_scale=w,
+                               height=SIZE, width=SIZE, output="latents")
+        assert "the negative prompt is not used" in caplog.text and why in caplog.text
+
+
 def test_default_scheduler_is_the_checkpoints(sd1, sd2):
     assert sd1.scheduler == "pndm" and sd2.scheduler == "ddim"
     assert sd2.schedule.prediction_type == "v_prediction"

@@ -166,6 +166,37 @@ def test_timestep_kinds_match_diffusers(tiny, timesteps):
     assert relative_error(ours, expected) <= FLOAT32_TOLERANCE
 
 
+@pytest.mark.parametrize("w", [1.0, 2.5, 8.0])
+def test_lcm_unet_guidance_embedding_matches_diffusers(tmp_path, w):
+    """A latent consistency model's UNet (time_cond_proj_dim): the guidance scale's sinusoidal
+    embedding goes through cond_proj into the time features (diffusers' timestep_cond), with
+    the embedding of w - 1 as diffusers' pipelines build it (get_guidance_scale_embedding)."""
+    from diffusers import StableDiffusionPipeline
+
+    from jaxsd.models.unet import guidance_scale_embedding
+
+    config = dict(TINY_CONFIGS["sd1"], time_cond_proj_dim=12)
+    reference = saved_reference(config, tmp_path)
+    model, params = load_unet(tmp_path)
+    assert model.config.time_cond_proj_dim == 12 and params["time_mlp"]["cond_proj"]["kernel"].shape == (12, 32)
+    sample, text = inputs(model.config, batch=2, size=8)
+    w_B = torch.full((2,), w - 1.0)
+    cond = StableDiffusionPipeline.get_guidance_scale_embedding(None, w_B, embedding_dim=12)
+    ours_cond = guidance_scale_embedding(jnp.full((2,), w - 1.0), 12)
+    np.testing.assert_allclose(ours_cond, cond.numpy(), rtol=0, atol=2e-6)
+    with torch.no_grad():
+        out = reference(torch.from_numpy(sample).permute(0, 3, 1, 2), torch.tensor([999, 259]),
+                        torch.from_numpy(text), timestep_cond=cond).sample
+    expected = out.permute(0, 2, 3, 1).numpy()
+    ours = model.apply({"params": params}, sample, jnp.array([999, 259]), text, ours_cond)
+    assert relative_error(ours, expected) <= FLOAT32_TOLERANCE
+    # without the condition (diffusers skips cond_proj then) it is another output
+    plain = model.apply({"params": params}, sample, jnp.array([999, 259]), text)
+    assert relative_error(plain, expected) > 10 * FLOAT32_TOLERANCE
+    with pytest.raises(ValueError, match=r"timestep_cond has shape \(2, 5\); expected \[2, 12\]"):
+        model.apply({"params": params}, sample, jnp.array([999, 259]), text, jnp.zeros((2, 5)))
+
+
 def test_bfloat16_compute_with_float32_params(tiny):
     reference, model, params, _ = tiny("sd2")
     sample, text = inputs(model.config, batch=2, size=8)

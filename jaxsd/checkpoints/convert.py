@@ -342,6 +342,8 @@ def unet_table(config) -> Table:
         *_weight_rows("conv_in", "conv_in", "conv"),
         *_weight_rows("time_embedding.linear_1", "time_mlp/fc1", "linear"),
         *_weight_rows("time_embedding.linear_2", "time_mlp/fc2", "linear"),
+        *(_weight_rows("time_embedding.cond_proj", "time_mlp/cond_proj", "linear_no_bias")
+          if config.time_cond_proj_dim is not None else ()),
         *_weight_rows("conv_norm_out", "norm_out", "norm"),
         *_weight_rows("conv_out", "conv_out", "conv"),
         *(row for l in range(L) for row in _weight_rows(

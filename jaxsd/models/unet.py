@@ -59,6 +59,7 @@ class UNetConfig:
     flip_sin_to_cos: bool = True                        # [cos, sin] rather than [sin, cos]
     freq_shift: float = 0.0                             # frequencies exp(-ln(10^4) k / (C0/2 - freq_shift))
     time_embedding_dim: int = 1280                      # 4 * C0 unless the config says otherwise
+    time_cond_proj_dim: int | None = None               # LCM: width of the guidance-scale embedding
 
     def __post_init__(self):
         where = "UNet config"
@@ -74,6 +75,8 @@ class UNetConfig:
         for name in ("cross_attention_dim", "in_channels", "out_channels", "norm_num_groups",
                      "time_embedding_dim"):
             require_positive_int(where, name, getattr(self, name))
+        if self.time_cond_proj_dim is not None:
+            require_positive_int(where, "time_cond_proj_dim", self.time_cond_proj_dim)
         require_finite(where, "norm_eps", self.norm_eps, positive=True)
         require_finite(where, "freq_shift", self.freq_shift)
         for name in ("mid_block", "mid_attention", "use_linear_projection", "upcast_attention", "flip_sin_to_cos"):
@@ -141,6 +144,7 @@ class UNetConfig:
             flip_sin_to_cos=get("flip_sin_to_cos", True),
             freq_shift=get("freq_shift", 0),
             time_embedding_dim=get("time_embedding_dim", 4 * channels[0]),
+            time_cond_proj_dim=config.get("time_cond_proj_dim"),
         )
 
 
@@ -152,7 +156,6 @@ _UNSUPPORTED = {
     "num_class_embeds": ((None,), "class embeddings"),
     "encoder_hid_dim": ((None,), "a projection of the text embeddings"),
     "encoder_hid_dim_type": ((None,), "a projection of the text embeddings"),
-    "time_cond_proj_dim": ((None,), "a timestep condition projection (LCM)"),
     "time_embedding_type": (("positional",), "Fourier time features"),
     "time_embedding_act_fn": ((None,), "an extra activation on the time embedding"),
     "timestep_post_act": ((None,), "an extra activation after the time MLP"),
@@ -179,7 +182,8 @@ _BLOCK_TYPES = {"down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
 # Fields read by from_diffusers, and fields that do not change the computation here.
 _READ = {"block_out_channels", "layers_per_block", "attention_head_dim", "transformer_layers_per_block",
          "cross_attention_dim", "use_linear_projection", "upcast_attention", "in_channels", "out_channels",
-         "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift", "time_embedding_dim"}
+         "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift", "time_embedding_dim",
+         "time_cond_proj_dim"}
 _IRRELEVANT = {"sample_size", "dropout",  # the sample size is free; no dropout at inference
                # only used together with the class/added embeddings refused above:
                "addition_embed_type_num_heads", "addition_time_embed_dim",
@@ -237,8 +241,19 @@ def timestep_embedding(t_B, dim: int, flip_sin_to_cos: bool = True, freq_shift: 
     return jnp.pad(emb_BD, ((0, 0), (0, dim % 2)))
 
 
+def guidance_scale_embedding(w_B, dim: int):
+    """An LCM UNet's condition: sinusoidal features of 1000 w (Luo et al. 2023, sec. 4.2; diffusers'
+    ``get_guidance_scale_embedding``): [sin(1000 w f_k), cos(1000 w f_k)], f_k = 10^(-4k / (dim/2 - 1)).
+    w [B] -> [B, dim] float32. The pipelines pass w = guidance_scale - 1."""
+    half = dim // 2
+    f_K = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(jnp.log(jnp.float32(10000.0)) / (half - 1)))
+    angle_BK = (jnp.asarray(w_B, jnp.float32) * 1000.0)[:, None] * f_K[None, :]
+    emb_BD = jnp.concatenate([jnp.sin(angle_BK), jnp.cos(angle_BK)], axis=-1)
+    return jnp.pad(emb_BD, ((0, 0), (0, dim % 2)))
+
+
 class TimeEmbedding(nn.Module):
-    """The time MLP: fc2(SiLU(fc1(sinusoid(t)))). t [B] -> [B, dim]"""
+    """The time MLP: fc2(SiLU(fc1(sinusoid(t) [+ cond_proj(cond)]))). t [B], cond [B, E] -> [B, dim]"""
     dim: int
     sinusoid_dim: int
     flip_sin_to_cos: bool = True
@@ -246,9 +261,13 @@ class TimeEmbedding(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, t_B):
+    def __call__(self, t_B, cond_BE=None):
         emb = timestep_embedding(t_B, self.sinusoid_dim, self.flip_sin_to_cos, self.freq_shift)
-        emb = nn.silu(nn.Dense(self.dim, dtype=self.dtype, name="fc1")(emb.astype(self.dtype)))
+        emb = emb.astype(self.dtype)
+        if cond_BE is not None:  # LCM: the guidance scale joins the time features (no bias)
+            emb = emb + nn.Dense(self.sinusoid_dim, use_bias=False, dtype=self.dtype,
+                                 name="cond_proj")(cond_BE.astype(self.dtype))
+        emb = nn.silu(nn.Dense(self.dim, dtype=self.dtype, name="fc1")(emb))
         return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(emb)
 
 
@@ -266,16 +285,18 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, sample_BHWC, timesteps, encoder_hidden_states_BSD):
-        """sample [B, h, w, in_channels], timesteps [] or [B] (int or float), text [B, S, D]
-        -> model output [B, h, w, out_channels] (noise or v, in ``dtype``)."""
+    def __call__(self, sample_BHWC, timesteps, encoder_hidden_states_BSD, timestep_cond_BE=None):
+        """sample [B, h, w, in_channels], timesteps [] or [B] (int or float), text [B, S, D],
+        and for an LCM UNet (``time_cond_proj_dim`` E) optionally the guidance-scale embedding
+        [B, E] (``guidance_scale_embedding``) -> model output [B, h, w, out_channels] (noise or v,
+        in ``dtype``)."""
         cfg, dtype = self.config, self.dtype
-        self._check_inputs(sample_BHWC, timesteps, encoder_hidden_states_BSD)
+        self._check_inputs(sample_BHWC, timesteps, encoder_hidden_states_BSD, timestep_cond_BE)
         B = sample_BHWC.shape[0]
         text = encoder_hidden_states_BSD.astype(dtype)
         t_B = jnp.broadcast_to(jnp.asarray(timesteps), (B,))
         temb = TimeEmbedding(cfg.time_embedding_dim, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                             cfg.freq_shift, dtype, name="time_mlp")(t_B)
+                             cfg.freq_shift, dtype, name="time_mlp")(t_B, timestep_cond_BE)
 
         def resnet(channels, name):
             return ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, dtype, name=name)
@@ -320,8 +341,12 @@ class UNet(nn.Module):
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype, name="norm_out")(x))
         return conv3x3(cfg.out_channels, dtype, "conv_out")(x)
 
-    def _check_inputs(self, sample, timesteps, text):
+    def _check_inputs(self, sample, timesteps, text, cond=None):
         cfg = self.config
+        if cond is not None and (cfg.time_cond_proj_dim is None or cond.shape != (sample.shape[0], cfg.time_cond_proj_dim)):
+            want = ("none: this UNet has no time_cond_proj_dim" if cfg.time_cond_proj_dim is None
+                    else f"[{sample.shape[0]}, {cfg.time_cond_proj_dim}] (batch, time_cond_proj_dim)")
+            raise ValueError(f"timestep_cond has shape {tuple(cond.shape)}; expected {want}")
         factor = 2 ** (cfg.levels - 1)
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample has shape {tuple(sample.shape)}; expected NHWC [batch, height, width, "
@@ -340,8 +365,12 @@ class UNet(nn.Module):
                              f"(one per sample)")
 
     def example_inputs(self, batch: int = 1, size: int | None = None, sequence: int = 77):
-        """Dummy (sample, timesteps, text) of the right shapes, for ``init`` and shape checks."""
+        """Dummy (sample, timesteps, text[, timestep_cond]) of the right shapes, for ``init`` and
+        shape checks (timestep_cond only for an LCM UNet, so that its cond_proj is created)."""
         cfg = self.config
         size = size or 2 ** (cfg.levels - 1)
-        return (jnp.zeros((batch, size, size, cfg.in_channels), self.dtype), jnp.zeros((batch,), jnp.int32),
-                jnp.zeros((batch, sequence, cfg.cross_attention_dim), self.dtype))
+        inputs = (jnp.zeros((batch, size, size, cfg.in_channels), self.dtype), jnp.zeros((batch,), jnp.int32),
+                  jnp.zeros((batch, sequence, cfg.cross_attention_dim), self.dtype))
+        if cfg.time_cond_proj_dim is not None:
+            inputs += (jnp.zeros((batch, cfg.time_cond_proj_dim), jnp.float32),)
+        return inputs

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsd.models.unet import guidance_scale_embedding
+
 
 class PromptEmbeddings(NamedTuple):
     cond: jax.Array            # [B, 77, D] the prompts' CLIP embeddings, one row per image
@@ -86,18 +88,25 @@ def rescale_noise_cfg(guided, cond, guidance_rescale):
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
-def guided_model_fn(unet, guidance: bool, rescale: bool, extra: bool):
+def guided_model_fn(unet, guidance: bool, rescale: bool, extra: bool, embedded: bool = False):
     """``model_fn(x, t, params, context, w, phi, extra_channels)`` for ``sampling.sample``.
 
     :param guidance: run the UNet on [uncond; cond] and mix with scale w.
     :param rescale: rescale the guided prediction with phi (``rescale_noise_cfg``).
     :param extra: append ``extra_channels`` to the UNet input (the 9-channel inpainting UNet).
+    :param embedded: an LCM UNet (``time_cond_proj_dim``): the guidance scale goes in as an
+        embedding of w - 1 instead (one UNet pass; diffusers' StableDiffusionPipeline does this
+        whenever the UNet has ``time_cond_proj_dim``).
     """
     def model_fn(x, t, params, context, w, phi, extra_channels):
         x_in = jnp.concatenate([x, x]) if guidance else x   # [uncond; cond]
         if extra:  # 9-channel inpainting UNet: latents | mask | masked-image latents
             x_in = jnp.concatenate([x_in, extra_channels.astype(x_in.dtype)], axis=-1)
-        out = unet.apply({"params": params}, x_in, t, context).astype(jnp.float32)
+        cond = ()
+        if embedded:
+            w_B = jnp.full((x_in.shape[0],), w - 1, jnp.float32)
+            cond = (guidance_scale_embedding(w_B, unet.config.time_cond_proj_dim),)
+        out = unet.apply({"params": params}, x_in, t, context, *cond).astype(jnp.float32)
         if not guidance:
             return out
         uncond, cond = jnp.split(out, 2)

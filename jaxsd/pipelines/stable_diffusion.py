@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any
 
@@ -28,6 +29,8 @@ from jaxsd.pipelines import encoding
 from jaxsd.pipelines import images as imgs
 from jaxsd.pipelines.encoding import PromptEmbeddings
 from jaxsd.sampling.schedule import ScheduleConfig
+
+logger = logging.getLogger(__name__)
 
 OUTPUTS = ("images", "latents", "trajectory")
 NO_KARRAS = ("ddim", "ddpm", "pndm", "euler_a")  # samplers whose diffusers scheduler has no use_karras_sigmas
@@ -169,6 +172,10 @@ class StableDiffusion:
             if cond.ndim != 3 or cond.shape[-1] != D:
                 raise ValueError(f"prompt_embeds has shape {cond.shape}; expected [prompts, 77, {D}]")
         uncond = None
+        if not guidance and (negative_prompt is not None or negative_prompt_embeds is not None):
+            logger.warning("the negative prompt is not used: there is no classifier-free guidance "
+                           "(guidance_scale <= 1%s)", ", or a UNet that embeds the guidance scale "
+                           "(time_cond_proj_dim, LCM)" if self.embeds_guidance else "")
         if guidance:
             if negative_prompt_embeds is not None:
                 uncond = jnp.asarray(negative_prompt_embeds)
@@ -200,8 +207,19 @@ class StableDiffusion:
         argument of the sampling loop) stays the same across calls."""
         key = (guidance, rescale, extra)
         if key not in self._model_fns:
-            self._model_fns[key] = encoding.guided_model_fn(self.unet, guidance, rescale, extra)
+            self._model_fns[key] = encoding.guided_model_fn(self.unet, guidance, rescale, extra,
+                                                            embedded=self.embeds_guidance)
         return self._model_fns[key]
+
+    @property
+    def embeds_guidance(self) -> bool:
+        """An LCM UNet (``time_cond_proj_dim``) takes the guidance scale as an input embedding
+        and runs once per step: no classifier-free guidance, no negative prompt (as diffusers)."""
+        return self.unet.config.time_cond_proj_dim is not None
+
+    def _cfg(self, guidance_scale) -> bool:
+        """Whether classifier-free guidance runs: w > 1, unless the UNet embeds w itself."""
+        return guidance_scale > 1 and not self.embeds_guidance
 
     def _sampler_and_schedule(self, scheduler, karras):
         name = self.scheduler if scheduler is None else scheduler
@@ -301,7 +319,7 @@ class StableDiffusion:
         width = self.default_size if width is None else width
         self._check_size(height, width)
         emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size,
-                                 guidance=guidance_scale > 1, clip_skip=clip_skip,
+                                 guidance=self._cfg(guidance_scale), clip_skip=clip_skip,
                                  prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         noise_key, sampler_key, _ = jax.random.split(key_from_seed(seed), 3)
         B, f = emb.cond.shape[0], self.vae_factor
@@ -317,7 +335,7 @@ class StableDiffusion:
             height, width = height or dh, width or dw
         self._check_size(height, width)
         emb = self.encode_prompt(prompt, kw.pop("negative_prompt"), batch_size=kw.pop("batch_size"),
-                                 guidance=kw["guidance_scale"] > 1, clip_skip=kw.pop("clip_skip"),
+                                 guidance=self._cfg(kw["guidance_scale"]), clip_skip=kw.pop("clip_skip"),
                                  prompt_embeds=kw.pop("prompt_embeds"),
                                  negative_prompt_embeds=kw.pop("negative_prompt_embeds"))
         keys = jax.random.split(key_from_seed(kw.pop("seed")), 4)  # noise, sampler, 2 x posterior
