@@ -258,6 +258,7 @@ _OPTION_PROBES = (
     ("sigmas=", dict(sigmas=(14.6, 3.0, 1.0, 0.3, 0.0))),
     ("original_inference_steps", dict(original_inference_steps=40)),
     ("timestep_scaling", dict(timestep_scaling=5.0)),
+    ("s_churn", dict(s_churn=1.0)),
 )
 
 
@@ -291,6 +292,7 @@ def _samplers(args) -> int:
         noise = ("eta x (eta 0 by default)" if name == "ddim" else
                  "when gamma > 0 (eta; 0 by default), not at the last step" if name == "tcd" else
                  "every step but the last" if name == "lcm" else
+                 "with s_churn > 0 (0 by default)" if name == "euler" else
                  "every step" if s.stochastic else "no")
         print(f"| {name} | {s.diffusers} | {s.order} | {evals} | {noise} | "
               f"{runs(name, karras, 4)} | {runs(name, zero_snr, 4)} | {options(name)} |")

@@ -283,7 +283,7 @@ def test_samplers_command_lists_each_with_what_its_diffusers_class_can_do(capsys
     assert rows["lms"][2] == str(lms_order) and rows["heun"][3] == "49"
     # the options column: what each plan accepts (TCD has LCM's config keys but uses fewer)
     assert rows["ddim"][7] == "eta, thresholding, clip_sample"
-    assert rows["euler"][7] == "exponential/beta sigmas, timesteps=, sigmas="
+    assert rows["euler"][7] == "exponential/beta sigmas, timesteps=, sigmas=, s_churn"
     assert rows["lcm"][7] == "thresholding, clip_sample, timesteps=, original_inference_steps, timestep_scaling"
     assert rows["tcd"][7] == "eta (its gamma), timesteps=, original_inference_steps"
 

@@ -290,6 +290,40 @@ def test_consistency_samplers_match_diffusers(name, options, eta, config, num_st
         assert np.abs(np.asarray(other.latents) - trajectory[-1]).max() > 1e-3
 
 
+CHURN = [dict(s_churn=0.5), dict(s_churn=80.0),  # gamma = min(s_churn / N, sqrt 2 - 1): small, capped
+         dict(s_churn=10.0, s_tmin=0.5, s_tmax=5.0, s_noise=1.003)]  # churn only in a sigma band
+
+
+@pytest.mark.parametrize("num_steps", STEPS)
+@pytest.mark.parametrize("config", ["sd1", "sd2_v", "linear_1100"])
+@pytest.mark.parametrize("churn", CHURN, ids=["small", "capped", "band"])
+def test_euler_churn_matches_diffusers(churn, config, num_steps):
+    """Karras et al. 2022 Alg. 2's churn, as arguments of EulerDiscreteScheduler.step (diffusers'
+    pipelines never pass them; jaxsd takes them in ScheduleConfig), with the same noise."""
+    cfg = ScheduleConfig.from_config(dict(CONFIGS[config], **churn))
+    out = sampling.sample(jax_model, jnp.asarray(BATCH2), sampler="euler", num_steps=num_steps,
+                          schedule=cfg, key=KEY, return_trajectory=True)
+    trajectory = np.asarray(out.trajectory)
+    noises = np.stack([sampling.step_noise(KEY, i, BATCH2.shape) for i in range(len(trajectory))])
+    ref, _ = diffusers_loop("euler", CONFIGS[config], num_steps, BATCH2, noises, step_kwargs=churn)
+    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
+    err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
+    assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
+    # the churn changes the result, wherever a step's sigma lies in [s_tmin, s_tmax] (with 1 or 2
+    # steps none lies in the band's [0.5, 5])
+    churned = sampling.make_plan("euler", num_steps, cfg).consts["churn"].any()
+    assert churned == ("s_tmax" not in churn or num_steps > 2)
+    plain, _ = diffusers_loop("euler", CONFIGS[config], num_steps, BATCH2, noises)
+    assert (np.abs(plain - ref).max() > 1e-3) == churned
+
+
+def test_churn_refused_where_diffusers_has_none():
+    with pytest.raises(ValueError, match=r"'heun'.*has no s_churn.*'euler'"):
+        sampling.make_plan("heun", 5, ScheduleConfig.from_config(dict(CONFIGS["sd1"], s_churn=1.0)))
+    with pytest.raises(ValueError, match=r"s_tmax=0.1 must be a number >= s_tmin=0.5"):
+        ScheduleConfig.from_config(dict(CONFIGS["sd1"], s_tmin=0.5, s_tmax=0.1))
+
+
 @pytest.mark.parametrize("name", ["lcm", "tcd"])
 def test_consistency_samplers_refuse_more_steps_than_distilled(name):
     from sampler_reference import _scheduler_class

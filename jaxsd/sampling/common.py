@@ -109,7 +109,7 @@ def dynamic_threshold(x0: jax.Array, c: dict) -> jax.Array:
 
 def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, prediction_types=None,
             sigmas=False, rescale=False, clip=False, threshold=False, custom=(),
-            orders=(2,), consistency=()) -> None:
+            orders=(2,), consistency=(), churn=False) -> None:
     """Raises if `cfg` asks `sampler` for something its diffusers class does not have.
 
     diffusers itself would silently ignore most of these (its from_config drops keys the class
@@ -151,6 +151,11 @@ def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, predicti
     if cfg.thresholding and not threshold:
         raise ValueError(f"{where} has no thresholding (dynamic thresholding); set thresholding=False "
                          "or use ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, unipc, deis or lcm")
+    if not churn:
+        for key, default in (("s_churn", 0.0), ("s_tmin", 0.0), ("s_tmax", float("inf")), ("s_noise", 1.0)):
+            if getattr(cfg, key) != default:
+                raise ValueError(f"{where} has no {key} (Karras churn is an argument of "
+                                 f"EulerDiscreteScheduler.step only); leave it at {default} or use 'euler'")
     for key, default, users in (("original_inference_steps", 50, "'lcm' or 'tcd'"),
                                 ("timestep_scaling", 10.0, "'lcm'")):
         if key not in consistency and getattr(cfg, key) != default:

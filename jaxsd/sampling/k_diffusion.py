@@ -7,7 +7,8 @@ with the (possibly fractional) timestep whose sigma this is (`schedule.sigma_to_
 
 One step function serves the first five: an evaluation is either a whole step (stage 0) or, for
 the two-evaluation samplers, the second half of one (stage 1) that restarts from the sample saved
-by stage 0. Ancestral samplers add fresh noise, `noise_std * noise`.
+by stage 0. Ancestral samplers add fresh noise, `noise_std * noise`; Euler with churn adds
+`churn * noise` before the step instead (Karras et al. 2022 Alg. 2 line 5).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def init_k_state(x):
 def k_step(state: KState, model_output, c, noise) -> KState:
     """One evaluation of Euler / Euler a / Heun / DPM2 / DPM2 a (Karras et al. 2022 Alg. 1-2)."""
     x = state.x
+    if noise is not None:  # Euler's churn (Alg. 2 l. 5): x_hat = x + sqrt(s_hat^2 - s^2) s_noise z
+        x = x + c["churn"] * noise
     denoised = jnp.clip(c["x0_x"] * x + c["x0_out"] * model_output, -c["clip"], c["clip"])
     d = (x - denoised) / c["sigma_in"]  # dx/dsigma at the evaluated point (Karras eq. 4)
     second = c["stage"] == 1
@@ -87,13 +90,14 @@ def _k_sigmas(cfg, num_steps, *, config_range=False, round_custom=False, final_s
     return t, sigmas, init
 
 
-def _k_consts(prediction_type, sigma_in, dt, *, stage=None, average=0, noise_std=0.0, clip=np.inf):
+def _k_consts(prediction_type, sigma_in, dt, *, stage=None, average=0, noise_std=0.0, clip=np.inf,
+              churn=0.0):
     E = len(sigma_in)
     x0_x, x0_out = k_x0_coefficients(prediction_type, sigma_in)
     full = lambda v: np.broadcast_to(np.asarray(v, np.float64), (E,))
     return dict(x0_x=x0_x, x0_out=x0_out, sigma_in=sigma_in, dt=dt,
                 stage=full(0 if stage is None else stage), average=full(average),
-                noise_std=full(noise_std), clip=full(clip))
+                noise_std=full(noise_std), clip=full(clip), churn=full(churn))
 
 
 def _c_in(sigma):
@@ -102,9 +106,9 @@ def _c_in(sigma):
 
 
 def euler_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
-    """EulerDiscreteScheduler (s_churn = 0): Karras et al. 2022 Alg. 2 without churn = Alg. 1's Euler."""
+    """EulerDiscreteScheduler: Karras et al. 2022 Alg. 2 (without churn, s_churn = 0: Euler's method)."""
     require(cfg, "euler", "EulerDiscreteScheduler", sigmas=True, rescale=True,
-            custom=("timesteps", "sigmas"))
+            custom=("timesteps", "sigmas"), churn=True)
     S._check_choice("interpolation_type", cfg.interpolation_type, ("linear", "log_linear"))
     S._check_choice("timestep_type", cfg.timestep_type, ("discrete", "continuous"))
     final = (cfg.final_sigmas_type or "zero")
@@ -119,8 +123,18 @@ def euler_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
         if cfg.interpolation_type == "log_linear" and not S.custom_sigmas(cfg) and cfg.sigmas is None:
             s = np.append(s, np.float32(last))
         t = np.float32(0.25) * np.log(s[:-1].astype(np.float32))
-    consts = _k_consts(cfg.prediction_type, s[:-1], s[1:] - s[:-1])
-    return make_plan(t, _c_in(s[:-1]), consts, np.ones(len(t)), s[:-1], init)
+    # Churn (Alg. 2 lines 4-5): gamma = min(s_churn / N, sqrt 2 - 1) where s_tmin <= sigma <= s_tmax,
+    # sigma_hat = (1 + gamma) sigma; the step runs from sigma_hat. As diffusers, the model has
+    # already seen x at sigma (it churns after the evaluation), and v-prediction's x0 keeps sigma.
+    sigma = s[:-1]
+    gamma = np.where((cfg.s_tmin <= sigma) & (sigma <= cfg.s_tmax),
+                     min(cfg.s_churn / (len(s) - 1), 2**0.5 - 1), 0.0)
+    s_hat = (sigma.astype(np.float32) * np.float32(gamma + 1)).astype(np.float64)
+    consts = _k_consts(cfg.prediction_type, s_hat, s[1:] - s_hat,
+                       churn=cfg.s_noise * np.sqrt(np.maximum(s_hat**2 - sigma**2, 0)))
+    if cfg.prediction_type == "v_prediction":
+        consts["x0_x"], consts["x0_out"] = k_x0_coefficients("v_prediction", sigma)
+    return make_plan(t, _c_in(sigma), consts, np.ones(len(t)), sigma, init)
 
 
 def euler_a_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:

@@ -54,7 +54,8 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("pndm", "PNDMScheduler", ddpm.pndm_plan, ddpm.init_pndm_state,
             ddpm.pndm_step, order=4),
     Sampler("lms", "LMSDiscreteScheduler", kd.lms_plan, kd.init_lms_state, kd.lms_step, order=4),
-    Sampler("euler", "EulerDiscreteScheduler", kd.euler_plan, kd.init_k_state, kd.k_step),
+    Sampler("euler", "EulerDiscreteScheduler", kd.euler_plan, kd.init_k_state, kd.k_step,
+            stochastic=True),  # the noise is multiplied by the churn (0 by default)
     Sampler("euler_a", "EulerAncestralDiscreteScheduler", kd.euler_a_plan, kd.init_k_state,
             kd.k_step, stochastic=True),
     Sampler("heun", "HeunDiscreteScheduler", kd.heun_plan, kd.init_k_state, kd.k_step, order=2,

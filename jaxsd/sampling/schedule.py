@@ -70,6 +70,12 @@ class ScheduleConfig:
     thresholding: bool = False  # Imagen dynamic thresholding of x0 (pixel-space models; not SD)
     dynamic_thresholding_ratio: float = 0.995  # the quantile of |x0| that sets the threshold s
     sample_max_value: float = 1.0  # the largest threshold s
+    # Karras et al. 2022 Alg. 2's churn, arguments of diffusers' EulerDiscreteScheduler.step (not
+    # config keys; its pipelines never pass them): euler only.
+    s_churn: float = 0.0  # total churn; gamma = min(s_churn / N, sqrt(2) - 1) per step
+    s_tmin: float = 0.0  # churn only where s_tmin <= sigma <= s_tmax
+    s_tmax: float = math.inf
+    s_noise: float = 1.0  # scale of the churn noise
     original_inference_steps: int = 50  # LCM/TCD: the distillation schedule's number of steps
     timestep_scaling: float = 10.0  # LCM: c_skip/c_out see t * timestep_scaling
 
@@ -168,6 +174,14 @@ class ScheduleConfig:
                              "number in (0, 1] (diffusers: 0.995)")
         if not (_is_number(self.sample_max_value) and self.sample_max_value > 0):
             raise ValueError(f"sample_max_value={self.sample_max_value!r} must be a positive number")
+        for name in ("s_churn", "s_noise", "s_tmin"):
+            value = getattr(self, name)
+            if not (_is_number(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+        if not (isinstance(self.s_tmax, (int, float)) and not isinstance(self.s_tmax, bool)
+                and self.s_tmax >= self.s_tmin):
+            raise ValueError(f"s_tmax={self.s_tmax!r} must be a number >= s_tmin={self.s_tmin!r} "
+                             "(inf: no upper bound)")
         n = self.original_inference_steps
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
             raise ValueError(f"original_inference_steps={n!r} must be an integer in [1, "
