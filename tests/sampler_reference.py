@@ -75,13 +75,13 @@ def _scheduler_class(cls_name):
 
 
 def diffusers_loop(name, config, num_steps, latents_nhwc, noises_nhwc=None, eta=0.0, step_kwargs=None,
-                   **explicit):
+                   model=None, **explicit):
     """diffusers' pipeline loop with the fake model; returns (trajectory [E, NHWC], timesteps).
 
     Stochastic samplers get `noises_nhwc[i]` at evaluation i, by replacing randn_tensor in the
     scheduler's module (and DPMSolverSDE's Brownian-tree noise sampler). `explicit`: timesteps=
     or sigmas= for set_timesteps instead of num_steps. `step_kwargs`: more arguments of
-    scheduler.step (Euler's s_churn, s_tmin, s_tmax, s_noise).
+    scheduler.step (Euler's s_churn, s_tmin, s_tmax, s_noise). `model`: another torch fake model.
     """
     cls_name, overrides = DIFFUSERS[name]
     cls = _scheduler_class(cls_name)
@@ -106,7 +106,7 @@ def diffusers_loop(name, config, num_steps, latents_nhwc, noises_nhwc=None, eta=
             current["noise"] = to_t(noises_nhwc[i]) if noises_nhwc is not None else None
             x_in = sched.scale_model_input(x, t)
             timesteps.append(float(t))
-            out = torch_model(x_in, t)
+            out = (model or torch_model)(x_in, t)
             kwargs = {"eta": eta} if name in ("ddim", "tcd") else {}  # TCD: eta is its gamma
             kwargs.update(step_kwargs or {})
             x = sched.step(out, t, x, **kwargs).prev_sample

@@ -120,7 +120,7 @@ def test_bad_num_steps(num_steps):
     ("euler", dict(interpolation_type="cubic"), r"interpolation_type='cubic'.*\['linear', 'log_linear'\]"),
     ("euler", dict(timestep_type="edm"), r"timestep_type='edm'.*\['discrete', 'continuous'\]"),
     ("heun", dict(thresholding=True), "'heun'.*has no thresholding"),
-    ("ddpm", dict(variance_type="learned_range"), "variance_type='learned_range'"),
+    ("ddpm", dict(variance_type="fixed_large_log"), "variance_type='fixed_large_log'"),
     ("dpmpp_2m", dict(solver_type="heun"), "solver_type='midpoint' only"),
     ("unipc", dict(solver_type="midpoint"), "solver_type='midpoint'"),
     ("lms", dict(clip_sample=True), "'lms'.*has no clip_sample"),

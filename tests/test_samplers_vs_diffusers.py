@@ -290,6 +290,54 @@ def test_consistency_samplers_match_diffusers(name, options, eta, config, num_st
         assert np.abs(np.asarray(other.latents) - trajectory[-1]).max() > 1e-3
 
 
+def variance_models(kind):
+    """A fake model that also predicts its variance, [prediction | v] (2C channels): v in [-1, 1]
+    for learned_range, a positive variance for learned; JAX NHWC and torch NCHW."""
+    import torch
+
+    from sampler_reference import torch_model
+
+    if kind == "learned_range":
+        jv, tv = (lambda x, t: jnp.tanh(0.5 * x + 0.001 * t)), (lambda x, t: torch.tanh(0.5 * x + 0.001 * t))
+    else:
+        jv, tv = (lambda x, t: 0.02 * jax.nn.sigmoid(x)), (lambda x, t: 0.02 * torch.sigmoid(x))
+    return (lambda x, t: jnp.concatenate([jax_model(x, t), jv(x, t)], axis=-1),
+            lambda x, t: torch.cat([torch_model(x, t), tv(x, t)], dim=1))
+
+
+@pytest.mark.parametrize("num_steps", STEPS)
+@pytest.mark.parametrize("config", ["sd1", "sd2_v", "linear_1100"])
+@pytest.mark.parametrize("kind", ["learned_range", "learned"])
+def test_ddpm_learned_variance_matches_diffusers(kind, config, num_steps):
+    """DDPMScheduler's variance_type learned / learned_range: the model returns 2C channels, the
+    second half its variance (Nichol & Dhariwal 2021 eq. 15 for learned_range)."""
+    raw = dict(CONFIGS[config], variance_type=kind)
+    jax_fn, torch_fn = variance_models(kind)
+    out = sampling.sample(jax_fn, jnp.asarray(BATCH2), sampler="ddpm", num_steps=num_steps,
+                          schedule=ScheduleConfig.from_config(raw), key=KEY, return_trajectory=True)
+    trajectory = np.asarray(out.trajectory)
+    noises = np.stack([sampling.step_noise(KEY, i, BATCH2.shape) for i in range(len(trajectory))])
+    ref, _ = diffusers_loop("ddpm", raw, num_steps, BATCH2, noises, model=torch_fn)
+    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
+    err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
+    assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
+    if num_steps > 1:  # the learned variance is used: not the fixed one
+        fixed = sampling.sample(jax_model, jnp.asarray(BATCH2), sampler="ddpm", num_steps=num_steps,
+                                schedule=ScheduleConfig.from_config(CONFIGS[config]), key=KEY)
+        assert np.abs(np.asarray(fixed.latents) - trajectory[-1]).max() > 1e-3
+
+
+def test_model_output_shape_is_checked():
+    jax_fn, _ = variance_models("learned_range")
+    cfg = ScheduleConfig.from_config(CONFIGS["sd1"])
+    with pytest.raises(ValueError, match=r"model_fn returned shape \(1, 4, 4, 8\); sampler 'euler' needs "
+                                         r"the latents' shape \(1, 4, 4, 4\).*variance_type learned"):
+        sampling.sample(jax_fn, jnp.asarray(LATENTS), sampler="euler", num_steps=2, schedule=cfg)
+    learned = ScheduleConfig.from_config(dict(CONFIGS["sd1"], variance_type="learned_range"))
+    with pytest.raises(ValueError, match=r"learned_range needs a model output of shape \(1, 4, 4, 8\)"):
+        sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="ddpm", num_steps=2, schedule=learned)
+
+
 CHURN = [dict(s_churn=0.5), dict(s_churn=80.0),  # gamma = min(s_churn / N, sqrt 2 - 1): small, capped
          dict(s_churn=10.0, s_tmin=0.5, s_tmax=5.0, s_noise=1.003)]  # churn only in a sigma band
 

@@ -77,7 +77,8 @@ def ddim_step(state: LatentState, model_output, c, noise) -> LatentState:
 
 # --- DDPM ------------------------------------------------------------------------------------
 
-DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+_LEARNED = {"learned": 1, "learned_range": 2}  # the model predicts the variance in C more channels
 
 
 def ddpm_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
@@ -86,6 +87,7 @@ def ddpm_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
             custom=("timesteps",))
     variance_type = cfg.variance_type or "fixed_small"
     S._check_choice("variance_type", variance_type, DDPM_VARIANCE_TYPES)
+    # (a model with 2C output channels goes with the learned types; ddpm_step splits it)
     t, ab = _alpha_plan(cfg, num_steps)
     t_prev = np.append(t[1:], -1)  # the next timestep in the list, -1 after the last
     a_t = ab[t]
@@ -100,16 +102,32 @@ def ddpm_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     x0_x, x0_out = x0_coefficients(cfg.prediction_type, np.sqrt(a_t), np.sqrt(1 - a_t))
     clip = (cfg.clip_sample is None or cfg.clip_sample) and not cfg.thresholding  # threshold first
     consts = dict(x0_x=x0_x, x0_out=x0_out, c0=c0, c1=c1, std=std, **threshold_consts(cfg, len(t)),
-                  clip=np.full(len(t), cfg.clip_sample_range if clip else np.inf))
+                  clip=np.full(len(t), cfg.clip_sample_range if clip else np.inf),
+                  # learned variances (Nichol & Dhariwal 2021 eq. 15): the log variance between
+                  # log beta_tilde and log beta, or the variance itself
+                  learned=np.full(len(t), _LEARNED.get(variance_type, 0)), noisy=(t > 0) * 1.0,
+                  log_small=np.log(small), log_beta=np.log(np.maximum(beta_t, 1e-20)))
     return make_plan(t, np.ones(len(t)), consts, *_alpha_noise(a_t), 1.0)
 
 
 def ddpm_step(state: LatentState, model_output, c, noise) -> LatentState:
-    """Ho et al. 2020 Alg. 2 in the posterior-mean form (eq. 7) with a predicted x0."""
+    """Ho et al. 2020 Alg. 2 in the posterior-mean form (eq. 7) with a predicted x0.
+
+    A model that also predicts its variance returns 2C channels [prediction | v] (variance_type
+    "learned": v is the variance; "learned_range": v in [-1, 1] interpolates the log variance,
+    Nichol & Dhariwal 2021 eq. 15)."""
     x = state.x
+    C = x.shape[-1]
+    std = c["std"]
+    if model_output.shape[-1] == 2 * C:  # a static shape: [prediction | variance]
+        model_output, v = model_output[..., :C], model_output[..., C:]
+        frac = (v + 1) / 2
+        log_var = frac * c["log_beta"] + (1 - frac) * c["log_small"]
+        learned_std = jnp.where(c["learned"] == 1, jnp.sqrt(v), jnp.exp(0.5 * log_var))
+        std = jnp.where(c["learned"] > 0, c["noisy"] * learned_std, std)
     x0 = jnp.clip(c["x0_x"] * x + c["x0_out"] * model_output, -c["clip"], c["clip"])
     x0 = dynamic_threshold(x0, c)
-    return LatentState(x=c["c0"] * x0 + c["c1"] * x + c["std"] * noise)
+    return LatentState(x=c["c0"] * x0 + c["c1"] * x + std * noise)
 
 
 # --- PNDM: Runge-Kutta warm-up (PRK) then PLMS -----------------------------------------------

@@ -225,6 +225,7 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
             "skip_prk_steps=True in the scheduler config or use another sampler")
     if key is None:
         key = jax.random.key(0)
+    learned_variance = bool(np.any(plan.consts.get("learned", 0)))  # ddpm: the model returns 2C channels
     arrays = dict(timesteps=plan.timesteps, c_in=plan.c_in, consts=plan.consts,
                   noise_a=plan.noise_a, noise_b=plan.noise_b,
                   init_noise_sigma=np.float32(plan.init_noise_sigma))
@@ -232,11 +233,13 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
         return _sample_jit(model_fn, tuple(model_args), latents, init_latents, arrays, key,
                            jnp.float32(eta), first_step, sampler=s.name,
                            return_trajectory=return_trajectory, progress=False,
-                           after_step=after_step, after_step_args=tuple(after_step_args))
+                           after_step=after_step, after_step_args=tuple(after_step_args),
+                           learned_variance=learned_variance)
     run = functools.partial(_sample_jit, model_fn, tuple(model_args), latents, init_latents, arrays,
                             key, jnp.float32(eta), first_step, sampler=s.name,
                             return_trajectory=return_trajectory, progress=True,
-                            after_step=after_step, after_step_args=tuple(after_step_args))
+                            after_step=after_step, after_step_args=tuple(after_step_args),
+                            learned_variance=learned_variance)
     _PROGRESS.append(progress)
     try:
         return _interruptible(run)
@@ -285,6 +288,20 @@ def _interruptible(run: Callable):
     return result["out"]
 
 
+def _check_output(out_shape, x_shape, sampler, learned_variance):
+    """At trace time: the model's output must be shaped like the latents, or [prediction |
+    variance] (2C channels) exactly when ddpm's variance_type is learned / learned_range."""
+    doubled = tuple(x_shape[:-1]) + (2 * x_shape[-1],)
+    if learned_variance and tuple(out_shape) != doubled:
+        raise ValueError(f"variance_type learned / learned_range needs a model output of shape {doubled} "
+                         f"([prediction | variance], 2C channels); model_fn returned {tuple(out_shape)}")
+    if not learned_variance and tuple(out_shape) != tuple(x_shape):
+        hint = (" (a model that predicts its variance in C more channels needs sampler 'ddpm' with "
+                "variance_type learned or learned_range)" if tuple(out_shape) == doubled else "")
+        raise ValueError(f"model_fn returned shape {tuple(out_shape)}; sampler {sampler!r} needs the "
+                         f"latents' shape {tuple(x_shape)}{hint}")
+
+
 def _finish(out):
     jax.block_until_ready(out)
     jax.effects_barrier()
@@ -302,9 +319,10 @@ def _tick(i):
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "sampler", "return_trajectory",
-                                             "progress", "after_step"))
+                                             "progress", "after_step", "learned_variance"))
 def _sample_jit(model_fn, model_args, latents, init_latents, arrays, key, eta, first_step, *,
-                sampler, return_trajectory, progress, after_step=None, after_step_args=()):
+                sampler, return_trajectory, progress, after_step=None, after_step_args=(),
+                learned_variance=False):
     s = SAMPLERS[sampler]
     latents = latents.astype(jnp.float32)
     if init_latents is None:
@@ -317,6 +335,7 @@ def _sample_jit(model_fn, model_args, latents, init_latents, arrays, key, eta, f
     def evaluate(state, i, t, c_in, c):
         # Scheduler arithmetic stays float32 whatever the model's dtype (diffusers PR #4254).
         out = model_fn(c_in * state.x, t, *model_args).astype(jnp.float32)
+        _check_output(out.shape, state.x.shape, sampler, learned_variance)
         noise = step_noise(key, i, state.x.shape) if s.stochastic else None
         state = s.step(state, out, dict(c, eta=eta), noise)
         if after_step is not None:
