@@ -131,6 +131,14 @@ def check_generation_args(args) -> None:
                          f"stay below 2**64")
     if not 0 <= args.eta <= 1:
         raise ValueError(f"--eta {args.eta}: must be in [0, 1]")
+    from jaxsd.sampling.schedule import SCHEDULE_NAMES
+
+    if args.schedule not in SCHEDULE_NAMES:
+        raise ValueError(f"--schedule {args.schedule!r} is not a schedule; choose one of {list(SCHEDULE_NAMES)}")
+    if args.karras and args.schedule not in ("default", "karras"):
+        raise ValueError(f"--karras and --schedule {args.schedule} ask for two schedules; pass one")
+    if args.schedule.startswith("ays") and args.steps != 10:
+        raise ValueError(f"--schedule {args.schedule} is Align Your Steps' 10-step schedule; pass --steps 10")
     if args.eta and args.scheduler is not None and args.scheduler not in ("ddim", "tcd"):
         raise ValueError(f"--eta {args.eta} is ddim's eta or tcd's gamma; pass --scheduler ddim or tcd "
                          f"(got --scheduler {args.scheduler})")
@@ -190,9 +198,16 @@ def _generate(args) -> int:
     pipe = _load(args)
     seed = args.seed if args.seed not in (None, -1) else secrets.randbelow(2**31)
     sampler = args.scheduler or pipe.scheduler
+    karras = args.karras or args.schedule == "karras"
+    if args.schedule not in ("default", "karras"):
+        from jaxsd.sampling.schedule import named_schedule
+
+        pipe.schedule = named_schedule(pipe.schedule, args.schedule, args.steps)
     common = dict(negative_prompt=args.negative, num_steps=args.steps, guidance_scale=args.guidance,
-                  scheduler=sampler, karras=args.karras, eta=args.eta, progress=True)
+                  scheduler=sampler, karras=karras, eta=args.eta, progress=True)
     extra = {"Eta": args.eta} if args.eta else {}
+    if args.schedule not in ("default", "karras"):
+        extra["Schedule type"] = args.schedule
     if args.command == "generate":
         width, height = args.size or (pipe.default_size, pipe.default_size)
         draw = lambda s: pipe.text_to_image(args.prompt, height=height, width=width, seed=s, **common)
@@ -215,7 +230,7 @@ def _generate(args) -> int:
         (picture,) = draw(seed + i)
         batch = {"Batch size": args.batch, "Batch pos": i} if args.batch > 1 else {}
         text = parameters_text(args.prompt, args.negative, steps=args.steps, sampler=sampler,
-                               karras=args.karras, guidance=args.guidance, seed=seed + i, width=width,
+                               karras=karras, guidance=args.guidance, seed=seed + i, width=width,
                                height=height, model=model_name, extra={**extra, **batch})
         print(f"wrote {save_png(picture, Path(args.out), seed + i, text)}")
     return 0
@@ -365,7 +380,10 @@ def _add_generation_options(p, *, size_help: str):
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--scheduler", default=None, help="sampler, e.g. euler, dpmpp_2m, ddim "
                    "(default: the checkpoint's own)")
-    p.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas")
+    p.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas (= --schedule karras)")
+    p.add_argument("--schedule", default="default", help="step schedule by name: "
+                   "default (the sampler's spacing), karras, exponential, beta, ays, ays_sdxl (10 steps), "
+                   "sgm_uniform, simple (see docs/samplers.md)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim's eta, or tcd's gamma (the TCD "
                    "authors use 0.3), in [0, 1] (default 0)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default, or -1: a random one, "

@@ -46,6 +46,11 @@ def test_generate_writes_pngs_with_parameters_and_never_overwrites(sd1_folder, t
                             "--out", str(tmp_path / "tcd")]) == 0
     fields = Image.open(next((tmp_path / "tcd").glob("*.png"))).text["parameters"].splitlines()[-1]
     assert fields.startswith("Steps: 2, Sampler: TCD, CFG scale: 7.5, Seed: 1,") and fields.endswith(", Eta: 0.3")
+    # a named schedule is applied and recorded
+    assert main(argv[:8] + ["--scheduler", "dpmpp_2m", "--schedule", "sgm_uniform", "--seed", "1",
+                            "--size", "64x64", "--out", str(tmp_path / "sgm")]) == 0
+    fields = Image.open(next((tmp_path / "sgm").glob("*.png"))).text["parameters"].splitlines()[-1]
+    assert fields.startswith("Steps: 2, Sampler: DPM++ 2M,") and fields.endswith(", Schedule type: sgm_uniform")
 
 
 def test_info(sd1_folder, capsys):
@@ -127,6 +132,9 @@ import pytest  # noqa: E402
                            "turns 4 x 4 pixels into one latent and the UNet halves the latent side 2 times: 4 x 4 = 16)"),
     (["--size", "64x100000"], "--size 64x100000: height 100000 must be a positive multiple of 16"),
     (["--eta", "1.5", "--scheduler", "tcd"], "--eta 1.5: must be in [0, 1]"),
+    (["--schedule", "uniform"], "--schedule 'uniform' is not a schedule; choose one of ['default', 'karras'"),
+    (["--schedule", "ays", "--steps", "20"], "--schedule ays is Align Your Steps' 10-step schedule; pass --steps 10"),
+    (["--schedule", "simple", "--karras"], "--karras and --schedule simple ask for two schedules"),
     (["--eta", "0.3", "--scheduler", "euler"], "--eta 0.3 is ddim's eta or tcd's gamma; pass --scheduler ddim or tcd"),
 ])
 def test_generate_mistakes_are_reported_before_the_model_loads(monkeypatch, tmp_path, capsys, extra, message):

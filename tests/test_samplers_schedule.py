@@ -160,3 +160,28 @@ def test_diffusers_default_spacing_per_sampler():
         plan = sampling.make_plan(name, 10, ScheduleConfig.from_config(cfg))
         np.testing.assert_allclose(plan.timesteps, ref.timesteps.numpy(), rtol=1e-6)
         assert float(plan.init_noise_sigma) == pytest.approx(float(ref.init_noise_sigma), rel=1e-5)
+
+
+def test_named_schedules():
+    """Schedules by name (docs/samplers.md gives each formula)."""
+    from jaxsd.sampling.schedule import named_schedule
+
+    cfg = ScheduleConfig.from_config(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    assert named_schedule(cfg, "default", 7) == cfg
+    assert named_schedule(cfg, "karras", 7).use_karras_sigmas
+    assert named_schedule(cfg, "beta", 7).use_beta_sigmas
+    assert named_schedule(cfg, "ays", 10).timesteps == S.AYS["sd1"]["timesteps"]
+    assert named_schedule(cfg, "ays_sdxl", 10).timesteps == S.AYS["sdxl"]["timesteps"]
+    # sgm_uniform: uniform in t from T - 1 down to 0, N + 1 points, the last (0) dropped
+    assert named_schedule(cfg, "sgm_uniform", 4).timesteps == (999, 749, 500, 250)
+    # simple: T - 1 - floor(i T / N)
+    assert named_schedule(cfg, "simple", 3).timesteps == (999, 666, 333)
+    assert named_schedule(cfg, "simple", 4).timesteps == (999, 749, 499, 249)
+    with pytest.raises(ValueError, match=r"schedule='ays' is Align Your Steps' 10-step schedule; got num_steps=7"):
+        named_schedule(cfg, "ays", 7)
+    with pytest.raises(ValueError, match=r"schedule='uniform' is not supported; choose one of \['default', 'karras'"):
+        named_schedule(cfg, "uniform", 7)
+    # they run where the sampler takes an explicit list, and are refused (naming those) elsewhere
+    sampling.make_plan("dpmpp_2m", 5, named_schedule(cfg, "sgm_uniform", 5))
+    with pytest.raises(ValueError, match="takes no explicit timesteps list"):
+        sampling.make_plan("unipc", 5, named_schedule(cfg, "simple", 5))

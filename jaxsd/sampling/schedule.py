@@ -403,6 +403,48 @@ AYS = {
 }
 
 
+# --- Schedules by name, as other UIs (AUTOMATIC1111, ComfyUI) offer them --------------------
+
+SCHEDULE_NAMES = ("default", "karras", "exponential", "beta", "ays", "ays_sdxl", "sgm_uniform", "simple")
+
+
+def named_schedule(cfg: ScheduleConfig, name: str, num_steps: int) -> ScheduleConfig:
+    """`cfg` with the step schedule `name` (T = num_train_timesteps, N = num_steps):
+
+    default      the sampler's own spacing (`timestep_spacing`), unchanged
+    karras       use_karras_sigmas: Karras et al. 2022 eq. 5, rho = 7 (diffusers' flag)
+    exponential  use_exponential_sigmas: N sigmas evenly spaced in log sigma (diffusers' flag)
+    beta         use_beta_sigmas: Beta(0.6, 0.6) quantiles (Lee et al. 2024; diffusers' flag)
+    ays          Align Your Steps for SD 1.x, `AYS["sd1"]["timesteps"]` (N must be 10)
+    ays_sdxl     the same for SDXL, `AYS["sdxl"]["timesteps"]`
+    sgm_uniform  timesteps = round(linspace(T - 1, 0, N + 1))[:N]: uniform in t from the top,
+                 the last step ending above 0 (ComfyUI's sgm_uniform, in integer timesteps)
+    simple       timesteps = T - 1 - floor(i T / N), i = 0..N-1 (ComfyUI's simple)
+
+    The flags run with the samplers whose diffusers class has them; the lists are explicit
+    `timesteps`, for the samplers that take one (euler, heun, ddpm, dpmpp_2m, dpmpp_2m_sde,
+    dpmpp_2s, lcm, tcd). A sampler refuses what its diffusers class cannot do, as always.
+    """
+    _check_choice("schedule", name, SCHEDULE_NAMES)
+    T = cfg.num_train_timesteps
+    flags = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+    if name == "default":
+        return cfg
+    if name in flags:
+        return dataclasses.replace(cfg, **{flags[name]: True})
+    if name.startswith("ays"):
+        if num_steps != 10:
+            raise ValueError(f"schedule={name!r} is Align Your Steps' 10-step schedule; got num_steps={num_steps}")
+        return dataclasses.replace(cfg, timesteps=AYS["sdxl" if name == "ays_sdxl" else "sd1"]["timesteps"])
+    if name == "sgm_uniform":
+        t = np.round(np.linspace(T - 1, 0, num_steps + 1))[:num_steps]
+    else:  # simple
+        t = T - 1 - np.floor(np.arange(num_steps) * T / num_steps)
+    out = dataclasses.replace(cfg, timesteps=tuple(int(v) for v in t))
+    out.validate()  # N > T would repeat timesteps
+    return out
+
+
 def explicit_steps(cfg: ScheduleConfig) -> int | None:
     """The number of steps an explicit `timesteps` / `sigmas` list makes, or None."""
     if cfg.timesteps is not None:
