@@ -1,4 +1,4 @@
-"""UniPC and DEIS: two more exponential-integrator multistep solvers, order 2.
+"""UniPC and DEIS: two more exponential-integrator multistep solvers (UniPC order 2, DEIS 1-3).
 
 UniPC (Zhao et al. 2023, arXiv 2302.04867): a multistep predictor (UniP) plus a corrector (UniC)
 that reuses the model output at the predicted point to refine it, at no extra evaluation.
@@ -127,39 +127,56 @@ def unipc_step(state: UniPCState, model_output, c, noise) -> UniPCState:
 
 
 def deis_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
-    """DEISMultistepScheduler(solver_order=2, "logrho"). Its last sigma is sigma_min, not 0 (as in
-    diffusers): the result keeps the noise of the smallest training timestep."""
-    require(cfg, "deis", "DEISMultistepScheduler", sigmas=True, threshold=True)
+    """DEISMultistepScheduler("logrho", solver_order 1, 2 or 3). Its last sigma is sigma_min, not
+    0 (as in diffusers): the result keeps the noise of the smallest training timestep."""
+    require(cfg, "deis", "DEISMultistepScheduler", sigmas=True, threshold=True, orders=(1, 2, 3))
     cfg_t = dataclasses.replace(cfg, lambda_min_clipped=-math.inf, use_lu_lambdas=False,
                                 final_sigmas_type="sigma_min")
     t, s, _ = dpm_timesteps_and_sigmas(cfg_t, num_steps, spacing=cfg.timestep_spacing or "linspace",
                                        unipc=True)
     N = num_steps
     a, sv = vp_alpha_sigma(s)
+    nan = np.full(1, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         h = np.log(a[1:] / sv[1:]) - np.log(a[:-1] / sv[:-1])
         # First order (= DDIM): x_t = (alpha_t/alpha_s) x - sigma_t (e^h - 1) eps
         A1, B1 = a[1:] / a[:-1], -sv[1:] * np.expm1(h)
-        # Second order, Zhang & Chen 2023 eq. 14 with Lagrange extrapolation of eps in rho:
-        # x_t = alpha_t (x / alpha_s0 + c1 eps_0 + c2 eps_1), c = integral of the basis over rho.
+        # Orders 2 and 3, Zhang & Chen 2023 eq. 14 with Lagrange extrapolation of eps in
+        # rho = sigma/alpha: x_t = alpha_t (x / alpha_s0 + sum_j c_j eps_j), c_j = the integral
+        # of the j-th Lagrange basis polynomial (in log rho) over [rho_s0, rho_t].
         rho = sv / a
-        r_t, r0, r1 = rho[1:], rho[:-1], np.concatenate([[np.nan], rho[:-2]])
-        ind = lambda t_, b, c: t_ * (-np.log(c) + np.log(t_) - 1) / (np.log(b) - np.log(c))
-        c1 = ind(r_t, r0, r1) - ind(r0, r0, r1)
-        c2 = ind(r_t, r1, r0) - ind(r0, r1, r0)
-    lof = True if cfg.lower_order_final is None else cfg.lower_order_final
+        r_t, r0 = rho[1:], rho[:-1]
+        r1, r2 = np.concatenate([nan, rho[:-2]]), np.concatenate([nan, nan, rho[:-3]])[:N]
+        L = np.log
+        ind2 = lambda t_, b, c: t_ * (-L(c) + L(t_) - 1) / (L(b) - L(c))
+        c1 = ind2(r_t, r0, r1) - ind2(r0, r0, r1)
+        c2 = ind2(r_t, r1, r0) - ind2(r0, r1, r0)
+
+        def ind3(t_, b, c, d):  # diffusers' ind_fn of multistep_deis_third_order_update
+            return (t_ * (L(c) * (L(d) - L(t_) + 1) - L(d) * L(t_) + L(d) + L(t_) ** 2 - 2 * L(t_) + 2)
+                    / ((L(b) - L(c)) * (L(b) - L(d))))
+        d1 = ind3(r_t, r0, r1, r2) - ind3(r0, r0, r1, r2)
+        d2 = ind3(r_t, r1, r2, r0) - ind3(r0, r1, r2, r0)
+        d3 = ind3(r_t, r2, r0, r1) - ind3(r0, r2, r0, r1)
+    order = 2 if cfg.solver_order is None else cfg.solver_order
+    lof = (True if cfg.lower_order_final is None else cfg.lower_order_final) and N < 15
     i = np.arange(N)
-    use2 = (i >= 1) & ~((i == N - 1) & lof & (N < 15))
+    # the highest order evaluation i may use; the step lowers it while history is short
+    cap = np.full(N, order)
+    if lof:
+        cap[N - 2:] = np.minimum(cap[N - 2:], [2, 1][-min(N, 2):])
     eps_x, eps_out = _deis_eps(cfg.prediction_type, a[:-1], sv[:-1])
     # x0 = (p x + q output) / r, in diffusers' order of operations: with thresholding, eps is
     # recovered from x0 by a subtraction that cancels, which would amplify other roundings.
     one, zero = np.ones(N), np.zeros(N)
     p, q, r = {"epsilon": (one, -sv[:-1], a[:-1]), "v_prediction": (a[:-1], -sv[:-1], one),
                "sample": (zero, one, one)}[cfg.prediction_type]
-    consts = dict(eps_x=eps_x, eps_out=eps_out, use2=use2.astype(float), A1=A1, B1=B1,
+    clean = lambda v, k: np.where(cap >= k, np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+    consts = dict(eps_x=eps_x, eps_out=eps_out, cap=cap, A1=A1, B1=B1,
                   x0_p=p, x0_q=q, x0_r=r, alpha=a[:-1], sigma=sv[:-1], **threshold_consts(cfg, N),
-                  A2=np.where(use2, a[1:] / a[:-1], 0.0), B0_2=np.where(use2, a[1:] * c1, 0.0),
-                  B1_2=np.where(use2, a[1:] * c2, 0.0))
+                  A2=clean(a[1:] / a[:-1], 2), B0_2=clean(a[1:] * c1, 2), B1_2=clean(a[1:] * c2, 2),
+                  B0_3=clean(a[1:] * d1, 3), B1_3=clean(a[1:] * d2, 3), B2_3=clean(a[1:] * d3, 3))
+    del i
     return make_plan(t, np.ones(N), consts, a[:-1], sv[:-1], 1.0)
 
 
@@ -172,7 +189,8 @@ def _deis_eps(prediction_type, alpha, sigma):
 
 
 def deis_step(state: MultistepState, model_output, c, noise) -> MultistepState:
-    """DEIS-2: first order without history and (for < 15 steps) on the last evaluation."""
+    """DEIS of order min(cap, evaluations so far + 1): first order without history and, for
+    < 15 steps, on the last evaluation (second order on the one before)."""
     del noise
     x = state.x
     e = jax.lax.cond(  # eps_theta(x_t, t); thresholded: from the thresholded x0, as diffusers
@@ -180,10 +198,12 @@ def deis_step(state: MultistepState, model_output, c, noise) -> MultistepState:
         lambda: (x - c["alpha"] * dynamic_threshold((c["x0_p"] * x + c["x0_q"] * model_output) / c["x0_r"], c))
         / c["sigma"],
         lambda: c["eps_x"] * x + c["eps_out"] * model_output)
-    second = (c["use2"] == 1) & (state.count >= 1)
-    x_new = (jnp.where(second, c["A2"], c["A1"]) * x + jnp.where(second, c["B0_2"], c["B1"]) * e
-             + jnp.where(second, c["B1_2"], 0.0) * state.m_prev)
-    return MultistepState(x=x_new, m_prev=e, m_prev2=state.m_prev2, anchor=x, count=state.count + 1)
+    order = jnp.minimum(c["cap"].astype(jnp.int32), state.count + 1)
+    first = c["A1"] * x + c["B1"] * e
+    second = c["A2"] * x + c["B0_2"] * e + c["B1_2"] * state.m_prev
+    third = c["A2"] * x + c["B0_3"] * e + c["B1_3"] * state.m_prev + c["B2_3"] * state.m_prev2
+    x_new = jnp.where(order == 1, first, jnp.where(order == 2, second, third))
+    return MultistepState(x=x_new, m_prev=e, m_prev2=state.m_prev, anchor=x, count=state.count + 1)
 
 
 init_deis_state = init_multistep_state
