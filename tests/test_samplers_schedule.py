@@ -124,7 +124,7 @@ def test_bad_num_steps(num_steps):
     ("dpmpp_2m", dict(solver_type="heun"), "solver_type='midpoint' only"),
     ("unipc", dict(solver_type="midpoint"), "solver_type='midpoint'"),
     ("lms", dict(clip_sample=True), "'lms'.*has no clip_sample"),
-    ("unipc", dict(solver_order=3), r"'unipc'.*solver_order in \[2\], got solver_order=3; DPM-Solver\+\+\(3M\)"),
+    ("dpmpp_2s", dict(solver_order=3), r"'dpmpp_2s'.*solver_order in \[2\], got solver_order=3; DPM-Solver\+\+\(3M\)"),
     ("dpmpp_2s", dict(solver_order=1), r"'dpmpp_2s'.*solver_order in \[2\]"),
 ])
 def test_unsupported_sampler_option_raises(name, options, match):

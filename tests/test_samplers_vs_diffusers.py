@@ -195,6 +195,10 @@ OPTIONS = [
     ("dpmpp_2m_sde", dict(solver_order=3)),
     ("dpmpp_2m_sde", dict(solver_order=3, lower_order_final=False)),
     ("dpmpp_2m", dict(solver_order=3, euler_at_final=True, final_sigmas_type="sigma_min")),
+    ("unipc", dict(solver_order=1)),
+    ("unipc", dict(solver_order=3)),
+    ("unipc", dict(solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min")),
+    ("unipc", dict(solver_order=3, disable_corrector=[1, 3])),
     ("deis", dict(solver_order=1)),
     ("deis", dict(solver_order=3)),
     ("deis", dict(solver_order=3, lower_order_final=False)),
@@ -524,6 +528,24 @@ def test_unipc_bh1_final_step_is_finite_where_diffusers_is_nan():
     assert np.isnan(ref[-1]).all() and np.isfinite(out.latents).all()
     np.testing.assert_allclose(out.trajectory[:-1], ref[:-1], rtol=0,
                                atol=RTOL * np.abs(ref[:-1]).max())
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_higher_order_step_to_zero_is_first_order(order):
+    """With lower_order_final=False the last step (to sigma = 0) runs at order 2 or 3: diffusers
+    divides by rk = 0 there (inf or NaN at order 2; at order 3 torch.linalg.solve fails on a
+    singular matrix). jaxsd takes the first-order update for that step; every earlier one matches."""
+    raw = dict(CONFIGS["sd1"], solver_order=order, lower_order_final=False)
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="unipc", num_steps=7,
+                          schedule=ScheduleConfig.from_config(raw), return_trajectory=True)
+    assert np.isfinite(out.latents).all()
+    if order == 3:
+        with pytest.raises(RuntimeError, match="singular"):
+            diffusers_loop("unipc", raw, 7, LATENTS)
+        return
+    ref, _ = diffusers_loop("unipc", raw, 7, LATENTS)
+    assert not np.isfinite(ref[-1]).any()  # inf or NaN
+    np.testing.assert_allclose(out.trajectory[:-1], ref[:-1], rtol=0, atol=RTOL * np.abs(ref[:-1]).max())
 
 
 @pytest.mark.parametrize("name,option", [("deis", "use_exponential_sigmas"),

@@ -154,7 +154,7 @@ class ScheduleConfig:
         if self.solver_order is not None and (isinstance(self.solver_order, bool) or
                                               self.solver_order not in (1, 2, 3)):
             raise ValueError(f"solver_order={self.solver_order!r} must be 1, 2 or 3 (diffusers' "
-                             "multistep solvers; only dpmpp_2m and dpmpp_2m_sde take 1 and 3)")
+                             "multistep solvers; dpmpp_2m, dpmpp_2m_sde, unipc and deis take 1 and 3)")
         if self.timesteps is not None and self.sigmas is not None:
             raise ValueError("pass timesteps or sigmas, not both (diffusers' set_timesteps takes one)")
         if self.timesteps is not None:

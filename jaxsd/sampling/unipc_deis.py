@@ -1,4 +1,4 @@
-"""UniPC and DEIS: two more exponential-integrator multistep solvers (UniPC order 2, DEIS 1-3).
+"""UniPC and DEIS: two more exponential-integrator multistep solvers, orders 1-3.
 
 UniPC (Zhao et al. 2023, arXiv 2302.04867): a multistep predictor (UniP) plus a corrector (UniC)
 that reuses the model output at the predicted point to refine it, at no extra evaluation.
@@ -25,81 +25,110 @@ from jaxsd.sampling.dpm_solver import (MultistepState, dpm_timesteps_and_sigmas,
 
 @struct.dataclass
 class UniPCState:
-    """State of UniPC-2 (bh2, data prediction)."""
+    """State of UniPC (bh1/bh2, data prediction, order 1-3)."""
 
     x: jnp.ndarray  # [B, H, W, C] current sample: the predictor's output (diffusers' `latents`)
     x_last: jnp.ndarray  # [B, H, W, C] the previous (corrected) sample, where the last step began
     m_prev: jnp.ndarray  # [B, H, W, C] x0 prediction of the previous evaluation
     m_prev2: jnp.ndarray  # [B, H, W, C] x0 prediction of the one before
+    m_prev3: jnp.ndarray  # [B, H, W, C] and the one before that (the order-3 corrector)
     last_order: jnp.ndarray  # [] int32, order of the last predictor step (the corrector's order)
     count: jnp.ndarray  # [] int32, evaluations done (diffusers' lower_order_nums)
 
 
 def init_unipc_state(x):
     z = jnp.zeros_like(x)
-    zero = jnp.zeros((), jnp.int32)
-    return UniPCState(x=x, x_last=x, m_prev=z, m_prev2=z, last_order=zero, count=zero)
+    one = jnp.ones((), jnp.int32)
+    return UniPCState(x=x, x_last=x, m_prev=z, m_prev2=z, m_prev3=z, last_order=one,
+                      count=jnp.zeros((), jnp.int32))
 
 
-def _uni_b(h, bh1):
-    """UniPC's right-hand side b for order 2 (Zhao et al. 2023 Alg. 2 / diffusers' loop)."""
-    hh = -h  # data prediction
+def _uni_b(h, bh1, order):
+    """UniPC's h phi_1, B(h) and right-hand side b_1..b_order (Zhao et al. 2023 Alg. 2; the loop
+    of diffusers' multistep_uni_p_bh_update), for data prediction (hh = -h)."""
+    hh = -h
     h_phi_1 = np.expm1(hh)
     B_h = hh if bh1 else np.expm1(hh)
-    h_phi_k = h_phi_1 / hh - 1
-    b1 = h_phi_k / B_h
-    b2 = (h_phi_k / hh - 1 / 2) * 2 / B_h
-    return h_phi_1, B_h, b1, b2
+    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return h_phi_1, B_h, b
+
+
+def _uni_rhos(rks, b, corrector):
+    """rho solving sum_k rho_k rk_k^(j-1) = b_j (predictor: the first order - 1 rows; corrector:
+    with rk = 1 for the new output, all rows), with diffusers' fixed 1/2 at the lowest order."""
+    q = len(rks)
+    if corrector:
+        if q == 0:
+            return np.array([0.5])
+        R = np.array([[r ** j for r in list(rks) + [1.0]] for j in range(q + 1)])
+        return np.linalg.solve(R, np.array(b[:q + 1]))
+    if q == 1:
+        return np.array([0.5])
+    R = np.array([[r ** j for r in rks] for j in range(q)])
+    return np.linalg.solve(R, np.array(b[:q]))
 
 
 def unipc_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
-    """UniPCMultistepScheduler(solver_order=2, predict_x0=True, solver_type=bh2 or bh1)."""
-    require(cfg, "unipc", "UniPCMultistepScheduler", sigmas=True, rescale=True, threshold=True)
+    """UniPCMultistepScheduler(predict_x0=True, solver_type bh2 or bh1, solver_order 1, 2 or 3).
+
+    For every evaluation and every order it may run at, the predictor's coefficients on
+    (m, m_prev, m_prev2) and the corrector's on (m, m_prev, m_prev2, m_prev3) (m: the x0
+    predictions, newest first); the step picks the row of the order it reaches.
+    """
+    require(cfg, "unipc", "UniPCMultistepScheduler", sigmas=True, rescale=True, threshold=True,
+            orders=(1, 2, 3))
     solver_type = cfg.solver_type or "bh2"
     S._check_choice("solver_type", solver_type, ("bh1", "bh2"))
+    bh1 = solver_type == "bh1"
     cfg_t = dataclasses.replace(cfg, lambda_min_clipped=-math.inf, use_lu_lambdas=False)
     t, s, _ = dpm_timesteps_and_sigmas(cfg_t, num_steps, spacing=cfg.timestep_spacing or "linspace",
                                        unipc=True)
-    N = num_steps
+    N, order = num_steps, (2 if cfg.solver_order is None else cfg.solver_order)
     a, sv = vp_alpha_sigma(s)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    P, C = np.zeros((N, 3, 3)), np.zeros((N, 3, 4))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lam = np.log(a) - np.log(sv)
-        # shift(v, k)[i] = v[i - k] (NaN before the start), as a length-N array
-        shift = lambda v, k: np.concatenate([np.full(k, np.nan), v])[:N]
-        # Predictor, step i: s_i -> s_{i+1}. UniP-2 with rho = 1/2 (diffusers' fixed choice).
-        h = lam[1:] - lam[:-1]
-        h_phi_1, B_h, _, _ = _uni_b(h, solver_type == "bh1")
-        rk = (shift(lam, 1) - lam[:-1]) / h  # (lambda_{i-1} - lambda_i) / h
+        for i in range(N):
+            # UniP (Zhao et al. 2023 eq. 6), step i: s_i -> s_{i+1}, with m_{i-j} at rk_j.
+            h = lam[i + 1] - lam[i]
+            h_phi_1, B_h, b = _uni_b(h, bh1, 3)
+            for p in range(1, min(order, i + 1) + 1):
+                rks = [(lam[i - j] - lam[i]) / h for j in range(1, p)]
+                P[i, p - 1, 0] = -a[i + 1] * h_phi_1
+                # A step to sigma = 0 (h = inf) above order 1 makes diffusers' rk = 0 and its
+                # result NaN (with lower_order_final=False): the first-order update here.
+                if p > 1 and np.isfinite(h):
+                    rho = _uni_rhos(rks, b, corrector=False)
+                    for j in range(1, p):  # - alpha B_h rho_j (m_{i-j} - m_i) / rk_j
+                        P[i, p - 1, j] = -a[i + 1] * B_h * rho[j - 1] / rks[j - 1]
+                        P[i, p - 1, 0] += a[i + 1] * B_h * rho[j - 1] / rks[j - 1]
+            if i == 0:
+                continue
+            # UniC (eq. 8) at evaluation i: redo s_{i-1} -> s_i with the new output m_i.
+            h = lam[i] - lam[i - 1]
+            h_phi_1, B_h, b = _uni_b(h, bh1, 3)
+            for q in range(1, min(order, i) + 1):
+                rks = [(lam[i - 1 - j] - lam[i - 1]) / h for j in range(1, q)]
+                rho = _uni_rhos(rks, b, corrector=True)
+                C[i, q - 1, 0] = -a[i] * B_h * rho[-1]  # the new output m_i
+                C[i, q - 1, 1] = -a[i] * h_phi_1 + a[i] * B_h * rho[-1]  # m_{i-1}
+                for j in range(1, q):
+                    C[i, q - 1, j + 1] = -a[i] * B_h * rho[j - 1] / rks[j - 1]
+                    C[i, q - 1, 1] += a[i] * B_h * rho[j - 1] / rks[j - 1]
         P_x = sv[1:] / sv[:-1]
-        P_m = -a[1:] * h_phi_1  # order 1 (= DPM-Solver++(1) / DDIM)
-        P_m_2 = P_m + a[1:] * B_h * 0.5 / rk  # order 2: - alpha B_h rho_p (m_{i-1} - m_i) / rk
-        P_m1_2 = -a[1:] * B_h * 0.5 / rk
-        # Corrector at evaluation i: redo s_{i-1} -> s_i with the model output at s_i (UniC).
-        hc = lam[:-1] - shift(lam, 1)  # lambda_i - lambda_{i-1}
-        ac = a[:-1]
-        hc_phi_1, Bc_h, b1, b2 = _uni_b(hc, solver_type == "bh1")
-        rkc = (shift(lam, 2) - shift(lam, 1)) / hc  # (lambda_{i-2} - lambda_{i-1}) / h
-        # Order 2: solve [[1, 1], [rk, 1]] rho = [b1, b2]; order 1: rho_last = 1/2.
-        rho0 = (b1 - b2) / (1 - rkc)
-        rho1 = b1 - rho0
-        C_x = sv[:-1] / shift(sv, 1)
-        C_m_1 = -ac * Bc_h * 0.5
-        C_m1_1 = -ac * hc_phi_1 + ac * Bc_h * 0.5
-        C_m_2 = -ac * Bc_h * rho1
-        C_m1_2 = -ac * hc_phi_1 + ac * Bc_h * (rho1 + rho0 / rkc)
-        C_m2_2 = -ac * Bc_h * rho0 / rkc
+        C_x = np.concatenate([[0.0], sv[1:-1] / sv[:-2]])
     lof = True if cfg.lower_order_final is None else cfg.lower_order_final
     i = np.arange(N)
-    cap = np.minimum(2, N - i) if lof else np.full(N, 2)
+    cap = np.minimum(order, N - i) if lof else np.full(N, order)
     corrector = ~np.isin(i - 1, np.asarray(cfg.disable_corrector, np.int64))
     clean = lambda v: np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     x0_x, x0_out = x0_coefficients(cfg.prediction_type, a[:-1], sv[:-1])
     consts = dict(x0_x=x0_x, x0_out=x0_out, cap=cap, corrector=corrector.astype(float),
-                  **threshold_consts(cfg, N),
-                  P_x=P_x, P_m=P_m, P_m_2=clean(np.where(cap == 2, P_m_2, 0)),
-                  P_m1_2=clean(np.where(cap == 2, P_m1_2, 0)),
-                  C_x=clean(C_x), C_m_1=clean(C_m_1), C_m1_1=clean(C_m1_1), C_m_2=clean(C_m_2),
-                  C_m1_2=clean(C_m1_2), C_m2_2=clean(C_m2_2))
+                  **threshold_consts(cfg, N), P_x=clean(P_x), P=clean(P), C_x=clean(C_x), C=clean(C))
     return make_plan(t, np.ones(N), consts, a[:-1], sv[:-1], 1.0)
 
 
@@ -108,19 +137,18 @@ def unipc_step(state: UniPCState, model_output, c, noise) -> UniPCState:
     del noise
     x = state.x
     m = dynamic_threshold(c["x0_x"] * x + c["x0_out"] * model_output, c)  # x0 at the (uncorrected) sample
-    # UniC (Zhao et al. 2023 eq. 8), skipped on the first evaluation and where disabled.
-    two = state.last_order == 2
-    x_c = (c["C_x"] * state.x_last + jnp.where(two, c["C_m_2"], c["C_m_1"]) * m
-           + jnp.where(two, c["C_m1_2"], c["C_m1_1"]) * state.m_prev
-           + jnp.where(two, c["C_m2_2"], 0.0) * state.m_prev2)
+    # UniC (Zhao et al. 2023 eq. 8) of the last step's order, skipped on the first evaluation
+    # and where disabled.
+    k = c["C"][state.last_order - 1]  # [4]
+    x_c = (c["C_x"] * state.x_last + k[0] * m + k[1] * state.m_prev + k[2] * state.m_prev2
+           + k[3] * state.m_prev3)
     x = jnp.where((state.count >= 1) & (c["corrector"] == 1), x_c, x)
-    # UniP (eq. 6): order min(2, steps left, evaluations so far + 1).
+    # UniP (eq. 6): order min(solver_order, steps left, evaluations so far + 1).
     order = jnp.minimum(c["cap"].astype(jnp.int32), state.count + 1)
-    p2 = order == 2
-    x_next = (c["P_x"] * x + jnp.where(p2, c["P_m_2"], c["P_m"]) * m
-              + jnp.where(p2, c["P_m1_2"], 0.0) * state.m_prev)
-    return UniPCState(x=x_next, x_last=x, m_prev=m, m_prev2=state.m_prev, last_order=order,
-                      count=state.count + 1)
+    k = c["P"][order - 1]  # [3]
+    x_next = c["P_x"] * x + k[0] * m + k[1] * state.m_prev + k[2] * state.m_prev2
+    return UniPCState(x=x_next, x_last=x, m_prev=m, m_prev2=state.m_prev, m_prev3=state.m_prev2,
+                      last_order=order, count=state.count + 1)
 
 
 # --- DEIS ---------------------------------------------------------------------------------------
