@@ -175,7 +175,7 @@ def diffusers_img2img(name, config, num_steps, strength, init_latents, noise, st
         sched.noise_sampler = lambda s, sn: current["noise"]
     try:
         for i, t in enumerate(timesteps):
-            current["noise"] = nchw(step_noises[t_start * sched.order + i])
+            current["noise"] = None if step_noises is None else nchw(step_noises[t_start * sched.order + i])
             out = torch_model(sched.scale_model_input(x, t), t)
             # the pipeline passes its eta (0 by default) to a step that takes one: TCD's gamma
             # would otherwise default to 0.3 in TCDScheduler.step
@@ -202,6 +202,21 @@ def test_img2img_matches_diffusers(name):
     noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape)
                        for i in range(len(plan.timesteps))])
     ref = diffusers_img2img(name, CONFIGS["sd1"], num_steps, strength, init, LATENTS, noises)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-5 * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("num_steps,strength", [(6, 0.6), (10, 0.75), (7, 0.3)])
+def test_singlestep_third_order_img2img_matches_diffusers(num_steps, strength):
+    """dpmpp_2s with solver_order=3 starting inside a (1, 2, 3) group: diffusers lowers the order
+    while it has too few outputs, and so does jaxsd."""
+    raw = dict(CONFIGS["sd1"], solver_order=3)
+    cfg = ScheduleConfig.from_config(raw)
+    plan = sampling.make_plan("dpmpp_2s", num_steps, cfg)
+    first = sampling.first_step_for_strength(plan, num_steps, strength)
+    init = np.random.default_rng(1).standard_normal(LATENTS.shape).astype(np.float32)
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="dpmpp_2s", num_steps=num_steps,
+                          schedule=cfg, key=KEY, init_latents=jnp.asarray(init), first_step=jnp.int32(first)).latents
+    ref = diffusers_img2img("dpmpp_2s", raw, num_steps, strength, init, LATENTS, None)
     np.testing.assert_allclose(out, ref, rtol=0, atol=3e-5 * max(1.0, np.abs(ref).max()))
 
 

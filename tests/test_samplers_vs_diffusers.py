@@ -195,6 +195,9 @@ OPTIONS = [
     ("dpmpp_2m_sde", dict(solver_order=3)),
     ("dpmpp_2m_sde", dict(solver_order=3, lower_order_final=False)),
     ("dpmpp_2m", dict(solver_order=3, euler_at_final=True, final_sigmas_type="sigma_min")),
+    ("dpmpp_2s", dict(solver_order=1)),
+    ("dpmpp_2s", dict(solver_order=3)),  # groups of (1, 2, 3) evaluations from one anchor
+    ("dpmpp_2s", dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min")),
     ("unipc", dict(solver_order=1)),
     ("unipc", dict(solver_order=3)),
     ("unipc", dict(solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min")),

@@ -144,10 +144,10 @@ def require(cfg: ScheduleConfig, sampler: str, diffusers_class: str, *, predicti
                     raise ValueError(f"{where}: an explicit {key} list cannot be combined with "
                                      f"{option}=True (diffusers refuses it too)")
     order = 2 if cfg.solver_order is None else cfg.solver_order
-    if order not in orders:
-        raise ValueError(f"{where} supports solver_order in {list(orders)}, got solver_order={order!r}"
-                         + ("; DPM-Solver++(3M) is dpmpp_2m or dpmpp_2m_sde with solver_order=3"
-                            if order == 3 else ""))
+    if order not in orders:  # only samplers without a solver_order get here (it is 1, 2 or 3)
+        raise ValueError(f"{where} has no solver_order (got solver_order={order!r}; 2, the multistep "
+                         "solvers' default, is accepted and means nothing here); the samplers with "
+                         "solver_order 1, 2 and 3: dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, unipc, deis")
     if cfg.thresholding and not threshold:
         raise ValueError(f"{where} has no thresholding (dynamic thresholding); set thresholding=False "
                          "or use ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s, unipc, deis or lcm")

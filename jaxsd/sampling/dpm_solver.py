@@ -164,58 +164,76 @@ def dpm_multistep_step(state: MultistepState, model_output, c, noise) -> Multist
 # --- DPM-Solver++(2S), singlestep --------------------------------------------------------------
 
 
-def singlestep_orders(num_steps: int, lower_order_final: bool, final_zero: bool) -> np.ndarray:
-    """diffusers' get_order_list for solver_order=2: pairs (1, 2), lower order at the end."""
+def singlestep_orders(num_steps: int, order: int, lower_order_final: bool, final_zero: bool) -> np.ndarray:
+    """diffusers' get_order_list: groups (1, 2) or (1, 2, 3), lower orders at the end."""
     N = num_steps
-    # diffusers switches lower_order_final on for odd N and for final_sigmas_type="zero".
-    if lower_order_final or N % 2 or final_zero:
-        orders = [1, 2] * (N // 2 - 1) + [1, 1] if N % 2 == 0 else [1, 2] * (N // 2) + [1]
+    # diffusers switches lower_order_final on when N is not a multiple of the order, and for
+    # final_sigmas_type="zero".
+    if lower_order_final or N % order or final_zero:
+        if order == 3:
+            tail = {0: [1, 2, 1], 1: [1], 2: [1, 2]}[N % 3]
+            orders = [1, 2, 3] * (N // 3 - (N % 3 == 0)) + tail
+        elif order == 2:
+            orders = [1, 2] * (N // 2 - 1) + [1, 1] if N % 2 == 0 else [1, 2] * (N // 2) + [1]
+        else:
+            orders = [1] * N
     else:
-        orders = [1, 2] * (N // 2)
+        orders = {1: [1], 2: [1, 2], 3: [1, 2, 3]}[order] * (N // order)
     if final_zero:
         orders[-1] = 1
     return np.array(orders)
 
 
 def dpmpp_2s_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
-    """DPMSolverSinglestepScheduler(solver_order=2, dpmsolver++). It has no timestep_spacing nor
-    steps_offset: like diffusers, it ignores them and always uses linspace spacing."""
-    _dpm_check(cfg, "dpmpp_2s")
+    """DPMSolverSinglestepScheduler(solver_order 1, 2 or 3, dpmsolver++, midpoint). It has no
+    timestep_spacing nor steps_offset: like diffusers, it ignores them and always uses linspace."""
+    _dpm_check(cfg, "dpmpp_2s", orders=(1, 2, 3))
     t, s, final = dpm_timesteps_and_sigmas(cfg, num_steps, spacing="linspace", singlestep=True)
     N = num_steps
     a, sv, lam = _lambda(s)
-    orders = singlestep_orders(N, bool(cfg.lower_order_final), final == "zero")
+    orders = singlestep_orders(N, 2 if cfg.solver_order is None else cfg.solver_order,
+                               bool(cfg.lower_order_final), final == "zero")
+    back = lambda v, k: np.concatenate([np.full(k, np.nan), v])[:len(v)]  # v[i - k]
     with np.errstate(divide="ignore", invalid="ignore"):
         h1 = lam[1:] - lam[:-1]  # order 1: from s_i to s_{i+1}
         A1, B1 = sv[1:] / sv[:-1], -a[1:] * (np.exp(-h1) - 1)
         # order 2 (Lu et al. 2022b Alg. 1, DPM-Solver++(2S) with the intermediate point at the
         # previous grid point s_{i-1} -> s_i): h = lambda_{i+1} - lambda_{i-1}, r0 = h_0 / h,
         # x = (sigma_t/sigma_{s1}) x_{s1} - alpha_t (e^{-h}-1) (m1 + (m0 - m1) / (2 r0))
-        s1 = np.concatenate([[np.nan], sv[:-2]])
-        lam1 = np.concatenate([[np.nan], lam[:-2]])
+        s1, lam1 = back(sv[:-1], 1), back(lam[:-1], 1)
         h2 = lam[1:] - lam1
         r0 = (lam[:-1] - lam1) / h2
         E = -a[1:] * (np.exp(-h2) - 1)
         A2, Bm0_2, Bm1_2 = sv[1:] / s1, E * 0.5 / r0, E * (1 - 0.5 / r0)
-    two = orders == 2
+        # order 3 (DPM-Solver-3 in its midpoint form, diffusers' singlestep third-order update):
+        # from x at s_{i-2}, h = lambda_{i+1} - lambda_{i-2}, r0 = (lambda_i - lambda_{i-2}) / h,
+        # x = (sigma_t/sigma_{s2}) x_{s2} - alpha_t (e^{-h}-1) m2 + alpha_t ((e^{-h}-1)/h + 1) (m0 - m2) / r0
+        s2, lam2 = back(sv[:-1], 2), back(lam[:-1], 2)
+        h3 = lam[1:] - lam2
+        r0_3 = (lam[:-1] - lam2) / h3
+        F = a[1:] * (np.expm1(-h3) / h3 + 1) / r0_3
+        A3, Bm0_3, Bm2_3 = sv[1:] / s2, F, -a[1:] * np.expm1(-h3) - F
     x0_x, x0_out = x0_coefficients(cfg.prediction_type, a[:-1], sv[:-1])
-    consts = dict(x0_x=x0_x, x0_out=x0_out, use2=two.astype(float), A1=A1, B1=B1,
-                  **threshold_consts(cfg, N),
-                  A2=np.where(two, A2, 0.0), Bm0_2=np.where(two, Bm0_2, 0.0),
-                  Bm1_2=np.where(two, Bm1_2, 0.0))
+    only = lambda v, k: np.where(orders == k, np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+    consts = dict(x0_x=x0_x, x0_out=x0_out, cap=orders, A1=A1, B1=B1, **threshold_consts(cfg, N),
+                  A2=only(A2, 2), Bm0_2=only(Bm0_2, 2), Bm1_2=only(Bm1_2, 2),
+                  A3=only(A3, 3), Bm0_3=only(Bm0_3, 3), Bm2_3=only(Bm2_3, 3))
     return make_plan(t, np.ones(N), consts, a[:-1], sv[:-1], 1.0)
 
 
 def dpm_singlestep_step(state: MultistepState, model_output, c, noise) -> MultistepState:
-    """A first-order step stores its start as the anchor; a second-order one restarts from it."""
+    """A first-order step stores its start as the anchor; a second- or third-order one restarts
+    from it (diffusers lowers the order while too few outputs exist, e.g. after img2img's start)."""
     del noise
     x = state.x
     m = dynamic_threshold(c["x0_x"] * x + c["x0_out"] * model_output, c)
-    second = (c["use2"] == 1) & (state.count >= 1)
-    anchor = jnp.where(second, state.anchor, x)
-    x_new = jnp.where(second, c["A2"], c["A1"]) * anchor + jnp.where(second, c["Bm0_2"], c["B1"]) * m
-    x_new = x_new + jnp.where(second, c["Bm1_2"], 0.0) * state.m_prev
-    return MultistepState(x=x_new, m_prev=m, m_prev2=state.m_prev2, anchor=anchor, count=state.count + 1)
+    order = jnp.minimum(c["cap"].astype(jnp.int32), state.count + 1)
+    anchor = jnp.where(order == 1, x, state.anchor)
+    first = c["A1"] * anchor + c["B1"] * m
+    second = c["A2"] * anchor + c["Bm0_2"] * m + c["Bm1_2"] * state.m_prev
+    third = c["A3"] * anchor + c["Bm0_3"] * m + c["Bm2_3"] * state.m_prev2
+    x_new = jnp.where(order == 1, first, jnp.where(order == 2, second, third))
+    return MultistepState(x=x_new, m_prev=m, m_prev2=state.m_prev, anchor=anchor, count=state.count + 1)
 
 
 # --- DPMSolverSDEScheduler ("DPM++ SDE") ------------------------------------------------------
