@@ -68,6 +68,19 @@ def test_schedules_share_one_program(name):
     assert all(not np.allclose(first, out) for out in outs)
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2s", "unipc", "deis"])
+def test_solver_orders_share_one_program(name):
+    """solver_order 1, 2 and 3 are numbers in the plan (the step picks its order at run time)."""
+    run = lambda order: sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=6,
+                                        schedule=ScheduleConfig.from_config(dict(CONFIGS["sd1"], solver_order=order)),
+                                        key=KEY).latents
+    outs = [run(2)]
+    size = sampling._sample_jit._cache_size()
+    outs += [run(1), run(3)]
+    assert sampling._sample_jit._cache_size() == size
+    assert all(not np.allclose(a, b) for a, b in zip(outs, outs[1:]))
+
+
 def test_tcd_gamma_is_traced():
     """TCD's gamma (eta) picks the timestep s it steps to; still one program for every gamma."""
     run = lambda eta: sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="tcd", num_steps=4,

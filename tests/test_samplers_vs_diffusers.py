@@ -243,6 +243,25 @@ def test_options_match_diffusers_at_every_step_count(name, options, config, num_
     assert err.max() <= tol, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
 
 
+@pytest.mark.parametrize("num_steps", STEPS)
+@pytest.mark.parametrize("name,options", [o for o in OPTIONS if o[0] != "euler"]
+                         + [("lcm", {}), ("tcd", {}), ("ddpm", dict(variance_type="fixed_large"))])
+def test_options_match_diffusers_on_the_cosine_schedule(name, options, num_steps):
+    """The options on Nichol & Dhariwal's cosine schedule, with test_trajectory_matches_diffusers_cosine's
+    bound (its latents start at sigma_max = 20291 times the noise, and one float32 ulp there is
+    ~4e-3 on both sides): max |x_jaxsd - x_diffusers| <= 2e-6 * sigma_max * max |noise|."""
+    raw = dict(CONFIGS["cosine"], **options)
+    cfg = ScheduleConfig.from_config(raw)
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=num_steps,
+                          schedule=cfg, key=KEY, return_trajectory=True)
+    trajectory = np.asarray(out.trajectory)
+    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(len(trajectory))])
+    ref, _ = diffusers_loop(name, raw, num_steps, LATENTS, noises)
+    sigma_max = float(S.train_sigmas(S.with_betas(cfg))[-1])
+    err = np.abs(trajectory - ref).max() / (sigma_max * np.abs(LATENTS).max())
+    assert err <= 2e-6, f"relative error {err:.2e}"
+
+
 def test_deis_third_order_coefficients_cancel_in_float32():
     """Why DEIS3_F32: diffusers' own third-order coefficient, in float32 (as it runs) against the
     same formula in float64, is 2e-4 off at 50 steps; jaxsd's float64 coefficient is the latter."""
