@@ -199,12 +199,8 @@ def _generate(args) -> int:
     seed = args.seed if args.seed not in (None, -1) else secrets.randbelow(2**31)
     sampler = args.scheduler or pipe.scheduler
     karras = args.karras or args.schedule == "karras"
-    if args.schedule not in ("default", "karras"):
-        from jaxsd.sampling.schedule import named_schedule
-
-        pipe.schedule = named_schedule(pipe.schedule, args.schedule, args.steps)
     common = dict(negative_prompt=args.negative, num_steps=args.steps, guidance_scale=args.guidance,
-                  scheduler=sampler, karras=karras, eta=args.eta, progress=True)
+                  scheduler=sampler, karras=args.karras, schedule=args.schedule, eta=args.eta, progress=True)
     extra = {"Eta": args.eta} if args.eta else {}
     if args.schedule not in ("default", "karras"):
         extra["Schedule type"] = args.schedule

@@ -240,3 +240,23 @@ def test_hub_downloads_only_the_files_jaxsd_reads():
         "vae/diffusion_pytorch_model.fp16.safetensors"])
     assert "unet/diffusion_pytorch_model.safetensors" in pick(None)
     assert not [f for f in pick(None) if "fp16" in f or f.endswith((".bin", ".ckpt"))]
+
+
+def test_named_schedule_is_a_pipeline_argument(sd1):
+    """schedule="sgm_uniform" is the same as setting the explicit timesteps it stands for."""
+    from jaxsd.sampling.schedule import named_schedule
+
+    kw = dict(num_steps=4, height=SIZE, width=SIZE, seed=1, scheduler="dpmpp_2m", output="latents")
+    named = sd1.text_to_image(PROMPT, schedule="sgm_uniform", **kw)
+    saved = sd1.schedule
+    try:
+        sd1.schedule = named_schedule(saved, "sgm_uniform", 4)
+        explicit = sd1.text_to_image(PROMPT, **kw)
+    finally:
+        sd1.schedule = saved
+    np.testing.assert_array_equal(named, explicit)
+    assert not np.allclose(named, sd1.text_to_image(PROMPT, **kw))
+    with pytest.raises(ValueError, match=r"karras=True and schedule='simple' ask for two schedules"):
+        sd1.text_to_image(PROMPT, schedule="simple", karras=True, **kw)
+    with pytest.raises(ValueError, match=r"schedule='unifrom' is not supported; choose one of"):
+        sd1.text_to_image(PROMPT, schedule="unifrom", **kw)

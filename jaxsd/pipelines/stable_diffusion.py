@@ -28,7 +28,7 @@ from jaxsd.checkpoints.tokenizer import tokenize
 from jaxsd.pipelines import encoding
 from jaxsd.pipelines import images as imgs
 from jaxsd.pipelines.encoding import PromptEmbeddings
-from jaxsd.sampling.schedule import ScheduleConfig
+from jaxsd.sampling.schedule import SCHEDULE_NAMES, ScheduleConfig, _check_choice, named_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -221,11 +221,16 @@ class StableDiffusion:
         """Whether classifier-free guidance runs: w > 1, unless the UNet embeds w itself."""
         return guidance_scale > 1 and not self.embeds_guidance
 
-    def _sampler_and_schedule(self, scheduler, karras):
+    def _sampler_and_schedule(self, scheduler, karras, schedule_name="default", num_steps=None):
         name = self.scheduler if scheduler is None else scheduler
         sampling.get_sampler(name)  # an error listing the choices
         schedule = self.schedule
-        if karras:
+        if schedule_name not in ("default", "karras"):
+            if karras:
+                raise ValueError(f"karras=True and schedule={schedule_name!r} ask for two schedules; pass one")
+            return name, named_schedule(schedule, schedule_name, num_steps)
+        _check_choice("schedule", schedule_name, SCHEDULE_NAMES)
+        if karras or schedule_name == "karras":
             if name in NO_KARRAS:
                 raise ValueError(f"karras=True: sampler {name!r} has no Karras sigmas (diffusers' "
                                  f"scheduler for it has no use_karras_sigmas); choose one of "
@@ -265,10 +270,10 @@ class StableDiffusion:
 
     def _run(self, emb: PromptEmbeddings, noise, *, scheduler, karras, num_steps, guidance_scale,
              guidance_rescale, eta, key, output, progress, init_latents=None, first_step=0,
-             extra=None, after_step=None, after_step_args=()):
+             extra=None, after_step=None, after_step_args=(), schedule="default"):
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r}; choose one of {OUTPUTS}")
-        name, schedule = self._sampler_and_schedule(scheduler, karras)
+        name, schedule = self._sampler_and_schedule(scheduler, karras, schedule, num_steps)
         guided = emb.uncond is not None
         context = jnp.concatenate([emb.uncond, emb.cond]) if guided else emb.cond
         if extra is not None and guided:
@@ -299,8 +304,9 @@ class StableDiffusion:
 
     def text_to_image(self, prompt=None, *, negative_prompt=None, batch_size: int | None = None,
                       num_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
-                      scheduler: str | None = None, karras: bool = False, eta: float = 0.0,
-                      height: int | None = None, width: int | None = None, seed: int = 0, latents=None,
+                      scheduler: str | None = None, karras: bool = False, schedule: str = "default",
+                      eta: float = 0.0, height: int | None = None, width: int | None = None,
+                      seed: int = 0, latents=None,
                       clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
                       output: str = "images", progress: bool = False):
         """Text -> uint8 images [B, height, width, 3] (diffusers' StableDiffusionPipeline).
@@ -308,6 +314,9 @@ class StableDiffusion:
         :param latents: the initial unit Gaussian noise [B, height/8, width/8, 4] (NHWC), as
             diffusers' ``latents``; default drawn from ``seed``.
         :param scheduler: a jaxsd sampler name (default: the checkpoint's scheduler).
+        :param karras, schedule: the step schedule; ``karras=True`` is ``schedule="karras"``, and
+            ``schedule`` takes any name of ``sampling.schedule.SCHEDULE_NAMES`` ("ays",
+            "sgm_uniform", "simple", ...; formulas in docs/samplers.md).
         :param guidance_scale: w; classifier-free guidance runs when w > 1.
         :param height, width: in pixels; default ``self.default_size`` (the UNet's native size:
             512 for SD 1.x, 64 for the built-in tiny-shapes model).
@@ -324,7 +333,7 @@ class StableDiffusion:
         noise_key, sampler_key, _ = jax.random.split(key_from_seed(seed), 3)
         B, f = emb.cond.shape[0], self.vae_factor
         noise = self._noise(latents, (B, height // f, width // f, self.vae.config.latent_channels), noise_key)
-        return self._run(emb, noise, scheduler=scheduler, karras=karras, num_steps=num_steps,
+        return self._run(emb, noise, scheduler=scheduler, karras=karras, schedule=schedule, num_steps=num_steps,
                          guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
                          key=sampler_key, output=output, progress=progress)
 
@@ -349,21 +358,22 @@ class StableDiffusion:
                              f"{what}, or as many as images")
         return jnp.concatenate([x] * (B // n))
 
-    def _first_step(self, strength, num_steps, scheduler, karras):
+    def _first_step(self, strength, num_steps, scheduler, karras, schedule="default"):
         if not _is_real(strength) or not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r} must lie in (0, 1]: 1 ignores the image's "
                              f"content, small values change it little")
         if int(num_steps * strength) < 1:
             raise ValueError(f"strength={strength} with num_steps={num_steps} runs no step at all "
                              f"(int(num_steps * strength) = 0); raise one of them")
-        name, schedule = self._sampler_and_schedule(scheduler, karras)
+        name, schedule = self._sampler_and_schedule(scheduler, karras, schedule, num_steps)
         plan = sampling.make_plan(name, num_steps, schedule)
         return plan, sampling.first_step_for_strength(plan, num_steps, strength)
 
     def image_to_image(self, image, prompt=None, *, strength: float = 0.8, negative_prompt=None,
                        batch_size: int | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
                        guidance_rescale: float = 0.0, scheduler: str | None = None,
-                       karras: bool = False, eta: float = 0.0, height: int | None = None,
+                       karras: bool = False, schedule: str = "default", eta: float = 0.0,
+                       height: int | None = None,
                        width: int | None = None, seed: int = 0, latents=None,
                        clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
                        output: str = "images", progress: bool = False):
@@ -378,20 +388,21 @@ class StableDiffusion:
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                   seed=seed, guidance_scale=guidance_scale)
         self._check_run_args(num_steps, guidance_scale, guidance_rescale, eta, seed, scheduler)
-        _, first_step = self._first_step(strength, num_steps, scheduler, karras)
+        _, first_step = self._first_step(strength, num_steps, scheduler, karras, schedule)
         height, width, emb, keys = self._prepare(image, height, width, prompt, kw)
         B = emb.cond.shape[0]
         pixels = imgs.prepare_image(image, height, width)
         image_latents = self._tile(self.encode_image(pixels, keys[2]), B, "image")
         noise = self._noise(latents, image_latents.shape, keys[0])
-        return self._run(emb, noise, scheduler=scheduler, karras=karras, num_steps=num_steps,
+        return self._run(emb, noise, scheduler=scheduler, karras=karras, schedule=schedule, num_steps=num_steps,
                          guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
                          key=keys[1], output=output, progress=progress,
                          init_latents=image_latents, first_step=first_step)
 
     def inpaint(self, image, mask, prompt=None, *, strength: float = 1.0, negative_prompt=None,
                 batch_size: int | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
-                scheduler: str | None = None, karras: bool = False, eta: float = 0.0,
+                scheduler: str | None = None, karras: bool = False, schedule: str = "default",
+                eta: float = 0.0,
                 height: int | None = None, width: int | None = None, seed: int = 0, latents=None,
                 clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
                 output: str = "images", progress: bool = False):
@@ -406,7 +417,7 @@ class StableDiffusion:
         kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                   seed=seed, guidance_scale=guidance_scale)
-        plan, first_step = self._first_step(strength, num_steps, scheduler, karras)
+        plan, first_step = self._first_step(strength, num_steps, scheduler, karras, schedule)
         height, width, emb, keys = self._prepare(image, height, width, prompt, kw)
         B, f, C = emb.cond.shape[0], self.vae_factor, self.vae.config.latent_channels
         pixels = imgs.prepare_image(image, height, width)
@@ -431,7 +442,7 @@ class StableDiffusion:
         else:
             after_step = encoding.paste_known_region
             after_args = (image_latents, mask_latents, noise, plan.noise_a, plan.noise_b)
-        return self._run(emb, noise, scheduler=scheduler, karras=karras, num_steps=num_steps,
+        return self._run(emb, noise, scheduler=scheduler, karras=karras, schedule=schedule, num_steps=num_steps,
                          guidance_scale=guidance_scale, guidance_rescale=0.0, eta=eta, key=keys[1],
                          output=output, progress=progress,
                          init_latents=image_latents if strength < 1 else None,
