@@ -166,7 +166,8 @@ def test_evaluate_names_samplers_that_cannot_run_the_schedule(tmp_path, capsys, 
     monkeypatch.setattr(evaluate, "evaluate_pipeline", lambda pipe, name, **kw: ran.append(name) or fake)
     assert main(["evaluate", "--model", str(folder)]) == 0
     rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
-    assert sorted(ran) == sorted(["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]), ran
+    assert sorted(ran) == sorted(["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde", "unipc",
+                                  "lcm", "tcd"]), ran
     assert all(rows[name].endswith("| 100.0% | 100.0% | 100.0% | 100.0% | 100.0% |") for name in ran)
     for name in ("pndm", "lms", "heun"):
         assert "not run:" in rows[name] and "rescale_betas_zero_snr" in rows[name], rows[name]
