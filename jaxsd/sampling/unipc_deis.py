@@ -188,7 +188,6 @@ def deis_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
         d3 = ind3(r_t, r2, r0, r1) - ind3(r0, r2, r0, r1)
     order = 2 if cfg.solver_order is None else cfg.solver_order
     lof = (True if cfg.lower_order_final is None else cfg.lower_order_final) and N < 15
-    i = np.arange(N)
     # the highest order evaluation i may use; the step lowers it while history is short
     cap = np.full(N, order)
     if lof:
@@ -204,7 +203,6 @@ def deis_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
                   x0_p=p, x0_q=q, x0_r=r, alpha=a[:-1], sigma=sv[:-1], **threshold_consts(cfg, N),
                   A2=clean(a[1:] / a[:-1], 2), B0_2=clean(a[1:] * c1, 2), B1_2=clean(a[1:] * c2, 2),
                   B0_3=clean(a[1:] * d1, 3), B1_3=clean(a[1:] * d2, 3), B2_3=clean(a[1:] * d3, 3))
-    del i
     return make_plan(t, np.ones(N), consts, a[:-1], sv[:-1], 1.0)
 
 
