@@ -86,9 +86,9 @@ def test_generate_with_no_model_draws_the_prompt(drawn):
     size and position in at least 70% of the images whose prompt names them.
 
     Per image the model is not perfect (on 32 seeds of "a red circle on a blue background" the
-    judge saw the colours right in all and a circle in 69%, the rest rounded squares), so a test
-    that every image be right would fail on seeds, not on the model; issue 7's model (shapes
-    16-27%, position at chance) fails this one.
+    judge saw a circle in 94%, the rest rounded squares), so a test that every image be right
+    would fail on seeds, not on the model; issue 7's model (shapes 16-27%, position at chance)
+    fails this one.
     """
     right = {"colours": [], "shape": [], "size": [], "position": []}
     wrong = []

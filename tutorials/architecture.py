@@ -276,9 +276,9 @@ grid
 
 # %% [markdown]
 # The two agree, which is the point of this section: the coefficients above are all there is to
-# LMS. The picture itself is poor, a red blob with a dark middle rather than the crisp shapes of
-# the *Quickstart*: `tiny-shapes` was trained to start from pure noise (zero terminal SNR, sigma
+# LMS. The picture itself is poor, a ragged red blob where the prompt asks for a large circle
+# at the top left, not the shapes of the *Quickstart*: `tiny-shapes` was trained to start from pure noise (zero terminal SNR, sigma
 # infinite), and this schedule starts at sigma 14.6, where the model expects to see about 7% of
 # the picture in its input. It does not find it, and its first predictions go astray. On the
-# model's own schedule only the seven samplers that can express it run (the *Schedulers*
-# tutorial).
+# model's own schedule only the samplers whose diffusers class can express it run (the
+# *Schedulers* tutorial).

@@ -185,16 +185,17 @@ grid
 
 # %% [markdown]
 # All seven samplers that can run the model's own schedule draw the large yellow square on
-# purple. The deterministic ones (ddim, euler, dpmpp_2m, unipc) land on nearly the same picture:
-# they solve the same ODE from the same noise. The stochastic ones (ddpm, euler_a, dpmpp_2m_sde)
-# add fresh noise on the way and put the square elsewhere; ddpm and euler_a give the same
-# picture, being one update in two sets of variables, fed the same noise.
+# purple, in the same place. The deterministic ones (ddim, euler, dpmpp_2m, unipc) solve the
+# same ODE from the same noise. The stochastic ones (ddpm, euler_a, dpmpp_2m_sde) add fresh
+# noise on the way; with this model and seed it changes only details of the outline. ddpm and
+# euler_a give the same picture, being one update in two sets of variables, fed the same noise.
 #
 # The eight marked * run on the unrescaled schedule, which starts at $\sigma$ = 14.6 instead of
 # 4096: the model, trained to start from pure noise, is asked about an input that should still
 # hold 7% of a picture. Six of them still draw the square. PNDM and LMS, the two linear multistep
-# methods, go astray (an orange square in a white halo, a red and white mess; the judge reads
-# them as a purple and a red circle on white). A likely reason, not measured here: each of
+# methods, go astray: PNDM an orange square in a white halo on a mottled background (the judge,
+# which reads the dominant colours, still calls it a yellow square on purple), LMS a red and
+# white mess (a red cross on white, says the judge). A likely reason, not measured here: each of
 # their steps extrapolates from the last four predictions, and the first ones, made on inputs
 # the model never saw in training, are the worst.
 
@@ -256,21 +257,24 @@ assert errors["dpmpp_2m", 40] < errors["dpmpp_2m", 20] < errors["dpmpp_2m", 10],
 assert errors["dpmpp_2m", 40] < errors["euler", 40], "the second-order method should win by 40 steps"
 
 # %% [markdown]
-# What the table says, on this model (the figures are from the run that wrote this page):
+# What the table says, on this model (the figures are from the run that wrote this page; the
+# ones marked "not run here" from a separate run of the same code):
 #
-# - Euler's error falls about 1.7 times per doubling of the steps (0.178, 0.103, 0.064).
-#   DPM-Solver++(2M) starts three times worse at 10 steps (0.56), then falls 2.7 and 3.6 times
-#   per doubling and overtakes Euler at 40 steps (0.058). Without guidance ($w = 1$, not run
-#   here) it is ahead at every count (0.037 against 0.048 at 10 steps): guidance 7.5 makes the
-#   model's successive guesses of $z_0$ change abruptly in the first steps, and a multistep
-#   method extrapolates from the previous guess. That is a likely reason, not measured here.
-# - Neither reaches its textbook rate (2 times per doubling for a first-order method, 4 for a
-#   second-order one), and the 100- and 200-step solutions are still 0.022 apart. Every step
+# - At 10 steps both land far from the truth (Euler 0.99, DPM-Solver++(2M) 1.16, in units of
+#   the latents' standard deviation, about 1). Doubling to 20 steps cuts the error ten times or
+#   more (0.095 and 0.087), and from there DPM-Solver++(2M) is ahead (0.053 against 0.055 at 40
+#   steps). Without guidance ($w = 1$, not run here) both are far closer at 10 steps, and
+#   DPM-Solver++(2M) leads at every count (0.035 against 0.042 at 10 steps, 0.012 against 0.014
+#   at 40): guidance 7.5 makes the model's successive guesses of $z_0$ change abruptly in the
+#   first steps, and big steps follow them badly. That is a likely reason, not measured here.
+# - Neither reaches its textbook rate from 20 to 40 steps (Euler's error falls 1.7 times, where a
+#   first-order method's halves; DPM-Solver++(2M)'s 1.6 times, where a second-order one's
+#   quarters), and the 100- and 200-step solutions are still 0.020 apart. Every step
 #   count ends with one step from its last timestep (t = 99 for 10 steps, 24 for 40, 4 for 200)
 #   straight to $\sigma = 0$, taking the UNet's guess $\hat z_0$ there as the answer. With timesteps
 #   spaced evenly in $t$, that last $\sigma$ shrinks only like $1/\sqrt{n}$, so the error of this
 #   final jump, about $\sigma_{last}^2$, shrinks like $1/n$ for every solver. This too is a
 #   reading of the figures, not a measurement; the Karras et al. (2022) spacing
 #   (`karras=True`) fixes the last $\sigma$ instead, but from $\sigma_{max}$ = 4096 it spends
-#   two thirds of its steps above $\sigma$ = 15, and lands far worse at 10-20 steps (Euler,
-#   10 steps: 1.52).
+#   two thirds of its steps above $\sigma$ = 15. On this model it helps Euler at 10 steps and
+#   hurts at 20 and 40 (not run here: 0.85, 0.109, 0.067).
