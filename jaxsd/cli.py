@@ -109,6 +109,46 @@ def _load(args):
     return StableDiffusion.from_pretrained(args.model, getattr(jnp, args.dtype))
 
 
+def _parse_lora(text: str) -> tuple[str, float]:
+    """``--lora FILE[:SCALE]`` -> (file, scale); the scale defaults to 1."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass    # a colon in the path itself (C:\...), no scale
+    return text, 1.0
+
+
+def lora_hash(path) -> str:
+    """AUTOMATIC1111's short LoRA hash ("Lora hashes" in its PNG parameters): the first 12 hex
+    digits of the SHA-256 of a safetensors file's tensor data (the bytes after its header)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header)
+        digest = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _read_loras(args) -> list:
+    """Each --lora as (name, scale, updates), read (and so checked) before the model loads."""
+    from jaxsd.adapters import read_lora
+
+    loras = []
+    for text in args.lora or ():
+        path, scale = _parse_lora(text)
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {text!r}: the scale must be a finite number")
+        if not Path(path).is_file():
+            raise ValueError(f"--lora {text!r}: {path} is not a file (expected FILE.safetensors[:SCALE])")
+        loras.append((Path(path).stem, scale, read_lora(path), lora_hash(path)))
+    return loras
+
+
 def check_generation_args(args) -> None:
     """Everything about a generate/img2img/inpaint command that can be checked without the model,
     checked before loading it (10-25 s for a real checkpoint), so that a typo costs nothing."""
@@ -195,7 +235,13 @@ def _generate(args) -> int:
     from jaxsd.pipelines import images as imgs
 
     check_generation_args(args)
+    loras = _read_loras(args)
     pipe = _load(args)
+    for name, scale, updates, _ in loras:
+        try:
+            pipe = pipe.with_lora(updates, scale)
+        except ValueError as error:   # LoraError: the file does not fit this model
+            raise ValueError(f"--lora {name}: {error}") from None
     seed = args.seed if args.seed not in (None, -1) else secrets.randbelow(2**31)
     sampler = args.scheduler or pipe.scheduler
     karras = args.karras or args.schedule == "karras"
@@ -222,10 +268,14 @@ def _generate(args) -> int:
             draw = lambda s: pipe.inpaint(image, mask, args.prompt, strength=args.strength, height=height,
                                           width=width, seed=s, **common)
     model_name = Path(str(args.model).rstrip("/")).name
+    # AUTOMATIC1111 records a LoRA as <lora:name:scale> in the prompt, and its hash.
+    prompt = " ".join([args.prompt] + [f"<lora:{name}:{scale:g}>" for name, scale, _, _ in loras])
+    if loras:
+        extra["Lora hashes"] = '"' + ", ".join(f"{name}: {h}" for name, _, _, h in loras) + '"'
     for i in range(args.batch):
         (picture,) = draw(seed + i)
         batch = {"Batch size": args.batch, "Batch pos": i} if args.batch > 1 else {}
-        text = parameters_text(args.prompt, args.negative, steps=args.steps, sampler=sampler,
+        text = parameters_text(prompt, args.negative, steps=args.steps, sampler=sampler,
                                karras=karras, guidance=args.guidance, seed=seed + i, width=width,
                                height=height, model=model_name, extra={**extra, **batch})
         print(f"wrote {save_png(picture, Path(args.out), seed + i, text)}")
@@ -388,6 +438,8 @@ def _add_generation_options(p, *, size_help: str):
     p.add_argument("--batch", type=int, default=1, help="images to generate, image i with seed + i (default 1)")
     p.add_argument("--out", default="outputs", help="folder to write PNGs to (default ./outputs)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA .safetensors "
+                   "file merged into the model, with its scale (default 1); repeat for several")
     p.set_defaults(run=_generate)
 
 

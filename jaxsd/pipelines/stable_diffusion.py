@@ -11,6 +11,7 @@ VAE's scaling, the classifier-free-guided denoiser) are in ``encoding.py``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -111,6 +112,7 @@ class StableDiffusion:
         self._encode_image_jit = jax.jit(functools.partial(encoding.encode_image, self.vae))
         self._decode_jit = jax.jit(functools.partial(encoding.decode_latents, self.vae))
         self._model_fns: dict = {}   # (guidance, rescale, extra channels) -> model_fn (static in jit)
+        self.loras: tuple = ()       # (file, scale) of each LoRA merged in by with_lora
 
     @classmethod
     def from_pretrained(cls, source, dtype=jnp.float32, *, revision: str | None = None,
@@ -126,6 +128,33 @@ class StableDiffusion:
         """
         return cls(sources.load(source, dtype, revision=revision, variant=variant,
                                 allow_pickle=allow_pickle, overrides=overrides or None), dtype)
+
+    def with_lora(self, lora, scale: float = 1.0) -> "StableDiffusion":
+        """A new pipeline with a LoRA merged into the text encoder and the UNet; this one is unchanged.
+
+        Each adapted weight becomes ``W + scale * (alpha / r) * B @ A`` (diffusers'
+        ``load_lora_weights`` then ``fuse_lora(lora_scale=scale)``). Call it again to stack
+        several adapters, each with its own scale. To change scales without recompiling, use
+        :func:`jaxsd.adapters.lora.merge` inside your own ``jax.jit`` (docs/adapters.md).
+
+        :param lora: a ``.safetensors`` path (PEFT, diffusers or kohya-ss keys) or a list of
+            :class:`jaxsd.adapters.LoraUpdate` from :func:`jaxsd.adapters.read_lora`.
+        :param scale: the user's weight (A1111's ``<lora:name:scale>``); 0 leaves the weights as they are.
+        """
+        from jaxsd.adapters import lora as lora_lib
+        from jaxsd.checkpoints import convert
+        if not _is_real(scale):
+            raise ValueError(f"scale={scale!r} must be a real number")
+        updates = lora if isinstance(lora, list) else lora_lib.read_lora(lora)
+        tables = {"unet": convert.unet_table(self.unet.config), "text_encoder": convert.CLIP_TEXT}
+        params = {"unet": self.unet_params, "text_encoder": self.text_params}
+        what = f"LoRA {lora}" if not isinstance(lora, list) else "the LoRA"
+        deltas = lora_lib.lora_deltas(updates, tables, params, what=what)
+        new = copy.copy(self)
+        new.unet_params = lora_lib.merge(self.unet_params, [deltas["unet"]], [scale])
+        new.text_params = lora_lib.merge(self.text_params, [deltas["text_encoder"]], [scale])
+        new.loras = self.loras + ((str(lora) if not isinstance(lora, list) else "<updates>", float(scale)),)
+        return new
 
     # -----------------------------------------------------------------------------------------
     # Text
