@@ -134,6 +134,17 @@ def lora_hash(path) -> str:
     return digest.hexdigest()[:12]
 
 
+def _read_embedding(text: str) -> tuple[str, str]:
+    """``--embedding FILE[:TOKEN]`` -> (file, token), the file read (and so checked) before the
+    model loads."""
+    from jaxsd.adapters.embeddings import read_embedding
+
+    path, sep, token = text.rpartition(":")
+    if not sep or not path or Path(text).is_file():   # no token, or a colon in the path itself
+        path, token = text, None
+    return path, read_embedding(path, token=token)[0]
+
+
 def _read_loras(args) -> list:
     """Each --lora as (name, scale, updates), read (and so checked) before the model loads."""
     from jaxsd.adapters import read_lora
@@ -236,7 +247,13 @@ def _generate(args) -> int:
 
     check_generation_args(args)
     loras = _read_loras(args)
+    embeddings = [_read_embedding(text) for text in args.embedding or ()]
     pipe = _load(args)
+    for path, token in embeddings:
+        try:
+            pipe = pipe.with_embedding(path, token)
+        except ValueError as error:
+            raise ValueError(f"--embedding {path}: {error}") from None
     for name, scale, updates, _ in loras:
         try:
             pipe = pipe.with_lora(updates, scale)
@@ -440,6 +457,8 @@ def _add_generation_options(p, *, size_help: str):
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA .safetensors "
                    "file merged into the model, with its scale (default 1); repeat for several")
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]", help="a textual-inversion "
+                   ".safetensors file; its token (default: the file's own) can then be used in the prompt")
     p.set_defaults(run=_generate)
 
 

@@ -113,6 +113,7 @@ class StableDiffusion:
         self._decode_jit = jax.jit(functools.partial(encoding.decode_latents, self.vae))
         self._model_fns: dict = {}   # (guidance, rescale, extra channels) -> model_fn (static in jit)
         self.loras: tuple = ()       # (file, scale) of each LoRA merged in by with_lora
+        self.embeddings: dict = {}   # token -> vectors, of each embedding added by with_embedding
 
     @classmethod
     def from_pretrained(cls, source, dtype=jnp.float32, *, revision: str | None = None,
@@ -156,6 +157,56 @@ class StableDiffusion:
         new.loras = self.loras + ((str(lora) if not isinstance(lora, list) else "<updates>", float(scale)),)
         return new
 
+    def with_embedding(self, path, token: str | None = None, *, allow_pickle: bool = False) -> "StableDiffusion":
+        """A new pipeline whose tokenizer and text encoder know a textual-inversion embedding.
+
+        As diffusers' ``load_textual_inversion``: n vectors become the tokens ``token``,
+        ``token_1``, ..., ``token_{n-1}`` with the next free ids, the text encoder's token table
+        grows by n rows, and a prompt that says ``token`` is written out in full before
+        tokenizing (negative prompts too). This pipeline is unchanged.
+
+        :param path: a diffusers ``learned_embeds.safetensors``, an AUTOMATIC1111 ``.safetensors``
+            (``emb_params``), or with ``allow_pickle=True`` an AUTOMATIC1111 ``.pt``.
+        :param token: the word to use in prompts; default the file's own (for an A1111
+            ``.safetensors``, its file name without the suffix).
+        """
+        from jaxsd.adapters import embeddings
+        token, vectors = embeddings.read_embedding(path, token=token, allow_pickle=allow_pickle)
+        table = self.text_params["token_embedding"]["embedding"]                  # [V, D]
+        V, D = table.shape
+        if vectors.shape[1] != D:
+            raise embeddings.EmbeddingError(f"{path}: vectors of width {vectors.shape[1]}, but this text "
+                                            f"encoder's tokens are {D} wide (an embedding for another model?)")
+        tokens = embeddings.new_tokens(token, len(vectors))
+        taken = [t for t in tokens if t in self.tokenizer.get_vocab()]
+        if taken:
+            raise embeddings.EmbeddingError(f"{path}: token(s) {taken} are already in the tokenizer's "
+                                            "vocabulary; pass another token=")
+        if len(self.tokenizer) != V:
+            raise embeddings.EmbeddingError(f"the tokenizer has {len(self.tokenizer)} tokens but the text "
+                                            f"encoder {V} rows; cannot place new tokens")
+        tokenizer = copy.deepcopy(self.tokenizer)
+        for t in tokens:                      # one at a time, as diffusers: ids V, V + 1, ...
+            tokenizer.add_tokens(t)
+        assert tokenizer.convert_tokens_to_ids(tokens) == list(range(V, V + len(tokens)))
+        new = copy.copy(self)
+        new.tokenizer = tokenizer
+        config = dataclasses.replace(self.text_encoder.config, vocab_size=V + len(tokens))
+        new.text_encoder = type(self.text_encoder)(config, dtype=self.text_encoder.dtype)
+        grown = jnp.concatenate([table, jnp.asarray(vectors, table.dtype)])    # [V + n, D]
+        new.text_params = {**self.text_params, "token_embedding": {"embedding": grown}}
+        new._encode_text_jit = jax.jit(functools.partial(encoding.encode_text, new.text_encoder),
+                                       static_argnames="clip_skip")
+        new.embeddings = {**self.embeddings, token: len(tokens)}
+        return new
+
+    def _tokenize(self, prompts: list[str]) -> np.ndarray:
+        """Token ids [P, 77], multi-vector embedding tokens written out first (with_embedding)."""
+        if self.embeddings:
+            from jaxsd.adapters.embeddings import expand_prompt
+            prompts = [expand_prompt(self.tokenizer, p) for p in prompts]
+        return tokenize(self.tokenizer, prompts)
+
     # -----------------------------------------------------------------------------------------
     # Text
 
@@ -194,7 +245,7 @@ class StableDiffusion:
         per_prompt = batch_size // P
 
         if prompt_embeds is None:
-            cond = self._encode_text_jit(self.text_params, tokenize(self.tokenizer, prompts), clip_skip)
+            cond = self._encode_text_jit(self.text_params, self._tokenize(prompts), clip_skip)
         else:
             cond = jnp.asarray(prompt_embeds)
             D = self.unet.config.cross_attention_dim
@@ -213,7 +264,7 @@ class StableDiffusion:
                                      f"prompt_embeds {cond.shape}")
             else:
                 negatives = encoding.negative_prompts(negative_prompt, P)
-                uncond = self._encode_text_jit(self.text_params, tokenize(self.tokenizer, negatives))
+                uncond = self._encode_text_jit(self.text_params, self._tokenize(negatives))
         repeat = lambda x: None if x is None else jnp.repeat(x, per_prompt, axis=0)
         return PromptEmbeddings(repeat(cond), repeat(uncond))
 
