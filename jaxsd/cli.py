@@ -134,6 +134,74 @@ def lora_hash(path) -> str:
     return digest.hexdigest()[:12]
 
 
+def _read_prompts_file(args) -> list:
+    """--prompts FILE: every line checked before the model loads (jaxsd.batch)."""
+    from jaxsd import batch
+
+    if args.prompt is not None:
+        raise ValueError(f"pass a prompt or --prompts FILE, not both (got {args.prompt!r} and --prompts)")
+    if args.seed == -1:
+        raise ValueError("--seed -1 draws a random seed, which a resumable --prompts run cannot "
+                         "repeat; pass a seed (default 0)")
+    return batch.read_prompts(args.prompts, seed=args.seed or 0, batch=args.batch, negative=args.negative,
+                              size=args.size)
+
+
+def _generate_many(args, pipe, jobs, *, sampler, karras, common, extra, tags, model_name) -> int:
+    """--prompts: each line's images with their fixed names; the ones already there are skipped."""
+    from tqdm.auto import tqdm
+
+    from jaxsd.batch import output_path
+    from jaxsd.pipelines.stable_diffusion import check_side
+
+    for job in jobs:   # sizes against the model's rule, before the first image
+        if job.size is not None:
+            for name, value in zip(("width", "height"), job.size):
+                try:
+                    check_side(name, value, pipe.vae_factor, pipe.latent_multiple)
+                except ValueError as error:
+                    raise ValueError(f"{Path(args.prompts).name} line {job.line}: {error}") from None
+    folder = Path(args.out)
+    wanted = [(job, job.seed + k) for job in jobs for k in range(args.batch)]
+    todo = [(job, s) for job, s in wanted if not output_path(folder, job, s).exists()]
+    if len(todo) < len(wanted):
+        print(f"{len(wanted) - len(todo)} of {len(wanted)} images are already in {folder}; "
+              f"drawing the other {len(todo)}")
+    common = {k: v for k, v in common.items() if k != "negative_prompt"} | {"progress": False}
+    with tqdm(total=len(todo), unit="image", desc="generate") as bar:
+        for job, seed in todo:
+            width, height = job.size or (pipe.default_size, pipe.default_size)
+            (picture,) = pipe.text_to_image(job.prompt, negative_prompt=job.negative, height=height,
+                                            width=width, seed=seed, **common)
+            batch = {"Batch size": args.batch, "Batch pos": seed - job.seed} if args.batch > 1 else {}
+            text = parameters_text(" ".join([job.prompt] + tags), job.negative, steps=args.steps,
+                                   sampler=sampler, karras=karras, guidance=args.guidance, seed=seed,
+                                   width=width, height=height, model=model_name, extra={**extra, **batch})
+            path = output_path(folder, job, seed)
+            bar.write(f"wrote {path}" if write_png(picture, path, text) else f"skipped {path}: it appeared meanwhile")
+            bar.update(1)
+    return 0
+
+
+def write_png(image, path: Path, parameters: str) -> bool:
+    """Write a PNG under a fixed name, never replacing a file: False if the name is taken."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
+    tmp = path.parent / f".{os.getpid()}-{path.name}.tmp"
+    try:
+        tmp.write_bytes(encoded.getvalue())
+        _place(tmp, path, encoded.getvalue())
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _read_embedding(text: str) -> tuple[str, str]:
     """``--embedding FILE[:TOKEN]`` -> (file, token), the file read (and so checked) before the
     model loads."""
@@ -245,7 +313,10 @@ def _generate(args) -> int:
     is drawn. The calls share one compiled program (same shapes)."""
     from jaxsd.pipelines import images as imgs
 
+    if args.prompt is None and not getattr(args, "prompts", None):
+        raise ValueError("no prompt: pass one, or --prompts FILE with one prompt per line")
     check_generation_args(args)
+    jobs = _read_prompts_file(args) if getattr(args, "prompts", None) else None
     loras = _read_loras(args)
     embeddings = [_read_embedding(text) for text in args.embedding or ()]
     pipe = _load(args)
@@ -286,9 +357,13 @@ def _generate(args) -> int:
                                           width=width, seed=s, **common)
     model_name = Path(str(args.model).rstrip("/")).name
     # AUTOMATIC1111 records a LoRA as <lora:name:scale> in the prompt, and its hash.
-    prompt = " ".join([args.prompt] + [f"<lora:{name}:{scale:g}>" for name, scale, _, _ in loras])
+    tags = [f"<lora:{name}:{scale:g}>" for name, scale, _, _ in loras]
     if loras:
         extra["Lora hashes"] = '"' + ", ".join(f"{name}: {h}" for name, _, _, h in loras) + '"'
+    if jobs is not None:
+        return _generate_many(args, pipe, jobs, sampler=sampler, karras=karras, common=common,
+                              extra=extra, tags=tags, model_name=model_name)
+    prompt = " ".join([args.prompt] + tags)
     for i in range(args.batch):
         (picture,) = draw(seed + i)
         batch = {"Batch size": args.batch, "Batch pos": i} if args.batch > 1 else {}
@@ -434,8 +509,14 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _add_generation_options(p, *, size_help: str):
-    p.add_argument("prompt")
+def _add_generation_options(p, *, size_help: str, prompts_file: bool = False):
+    if prompts_file:
+        p.add_argument("prompt", nargs="?", default=None, help="the prompt (or --prompts FILE)")
+        p.add_argument("--prompts", metavar="FILE", default=None, help="many prompts: one per line, "
+                       "or JSON lines with prompt, negative, seed, size; resumes where it stopped "
+                       "(see docs/cli.md)")
+    else:
+        p.add_argument("prompt")
     p.add_argument("--model", "-m", default="tiny-shapes", help="a diffusers folder, a Hub id, a "
                    "single-file checkpoint, or the built-in tiny-shapes (the default)")
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -522,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="text to image")
     _add_generation_options(gen, size_help="WIDTHxHEIGHT (default: the model's own size, "
-                            "512x512 for SD 1.x, 64x64 for tiny-shapes)")
+                            "512x512 for SD 1.x, 64x64 for tiny-shapes)", prompts_file=True)
 
     i2i = commands.add_parser("img2img", help="image + text to image")
     i2i.add_argument("image", help="the starting image")
