@@ -184,7 +184,10 @@ def test_scale_is_traced_inside_jit(sd1, sd1_folder, tmp_path):
 
     ref = reference_pipeline(sd1_folder)
     updates = read_lora(write_lora(tmp_path / "k.safetensors", ref, "kohya"))
-    deltas = lora_deltas(updates, {"unet": convert.unet_table(sd1.unet.config)}, {"unet": sd1.unet_params})
+    with pytest.raises(LoraError, match="for the text_encoder, which was not passed"):
+        lora_deltas(updates, {"unet": convert.unet_table(sd1.unet.config)}, {"unet": sd1.unet_params})
+    deltas = lora_deltas(updates, {"unet": convert.unet_table(sd1.unet.config), "text_encoder": convert.CLIP_TEXT},
+                         {"unet": sd1.unet_params, "text_encoder": sd1.text_params})
     compiles = []
 
     @jax.jit
@@ -284,3 +287,23 @@ def test_generate_command_merges_loras_and_records_them_as_automatic1111_does(sd
     assert not list((tmp_path / "none").glob("*.png"))
     assert main(argv[:-4] + ["--lora", str(tmp_path / "missing.safetensors:0.5")]) == 2
     assert "missing.safetensors is not a file" in capsys.readouterr().err
+
+
+def test_bfloat16_and_damaged_files(sd1, tmp_path):
+    """A LoRA stored in bfloat16 (safetensors' NumPy reader cannot read it) reads through the
+    checkpoints' reader, exactly; a truncated file is refused as damaged."""
+    import safetensors.torch
+
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    down, up = torch.randn(4, 32).bfloat16(), torch.randn(32, 4).bfloat16()
+    path = tmp_path / "bf16.safetensors"
+    safetensors.torch.save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                                 f"{stem}.alpha": torch.tensor(2.0)}, str(path))
+    (update,) = read_lora(path)
+    expected = (up.float() @ down.float()).numpy() * 0.5
+    np.testing.assert_allclose(update.delta(), expected, rtol=1e-6, atol=1e-6)
+    sd1.with_lora(path)                                        # lands on its weight
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(LoraError, match="damaged or incomplete"):
+        read_lora(cut)

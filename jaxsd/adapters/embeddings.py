@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsd.checkpoints.files import CheckpointError
+from jaxsd.checkpoints.files import CheckpointError, SafetensorsFile
 
 
 class EmbeddingError(CheckpointError):
@@ -43,11 +43,11 @@ def read_embedding(source: str | os.PathLike, *, token: str | None = None,
     if not path.is_file():
         raise EmbeddingError(f"{path}: no such embedding file")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        try:
-            state = load_file(str(path))
-        except Exception as error:
-            raise EmbeddingError(f"{path}: not a readable safetensors file ({error})") from None
+        try:   # the checkpoints' reader: validates the header, reads bfloat16 too
+            f = SafetensorsFile(path)
+            state = {k: np.asarray(f[k]) for k in f}
+        except CheckpointError as error:
+            raise EmbeddingError(str(error)) from None
     elif path.suffix in (".pt", ".bin", ".pth"):
         if not allow_pickle:
             raise EmbeddingError(f"{path} is a pickle file; unpickling can run arbitrary code, so jaxsd "
@@ -59,7 +59,9 @@ def read_embedding(source: str | os.PathLike, *, token: str | None = None,
         raise EmbeddingError(f"{path}: expected a .safetensors file (or, with allow_pickle, .pt/.bin), "
                              f"got suffix {path.suffix!r}")
     name, vectors = _token_and_vectors(state, path)
-    vectors = np.asarray(vectors.float().numpy() if hasattr(vectors, "float") else vectors, np.float32)
+    if hasattr(vectors, "detach"):            # a torch tensor, from a .pt
+        vectors = vectors.detach().float().numpy()
+    vectors = np.asarray(vectors, np.float32)
     if vectors.ndim == 1:
         vectors = vectors[None]
     if vectors.ndim != 2 or vectors.shape[0] < 1:

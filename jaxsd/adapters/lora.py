@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd.checkpoints import convert
-from jaxsd.checkpoints.files import CheckpointError
+from jaxsd.checkpoints.files import CheckpointError, SafetensorsFile
 
 COMPONENTS = ("unet", "text_encoder")
 
@@ -122,13 +122,11 @@ def read_lora(source: str | os.PathLike | Mapping, *, metadata: Mapping | None =
         if path.suffix != ".safetensors":
             raise LoraError(f"{name}: LoRA files are read from .safetensors only (got {path.suffix!r}); "
                             "convert a pickle .pt/.ckpt with safetensors' own tools")
-        from safetensors import safe_open
-        try:
-            with safe_open(path, framework="numpy") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as error:  # a truncated or foreign file
-            raise LoraError(f"{name}: not a readable safetensors file ({error})") from None
+        try:   # the checkpoints' reader: validates the header, reads bfloat16 too
+            f = SafetensorsFile(path)
+            metadata, tensors = f.metadata, {k: np.asarray(f[k]) for k in f}
+        except CheckpointError as error:  # a truncated, damaged or foreign file
+            raise LoraError(str(error)) from None
     for key in tensors:
         for marker, what in UNSUPPORTED:
             if re.search(marker, key):
@@ -221,7 +219,8 @@ def lora_deltas(updates: Sequence[LoraUpdate], tables: Mapping[str, convert.Tabl
         lookups[component] = (modules, {"_" + m.replace(".", "_"): m for m in modules})
     for u in updates:
         if u.component not in lookups:
-            unmatched.append(f"{u.keys[0]} (a {u.component} LoRA; this model has {sorted(lookups)})")
+            unmatched.append(f"{u.keys[0]} (for the {u.component}, which was not passed: pass its table "
+                             "and parameters, or only the updates with another component)")
             continue
         modules, kohya = lookups[u.component]
         module = u.module
