@@ -307,3 +307,27 @@ def test_bfloat16_and_damaged_files(sd1, tmp_path):
     cut.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(LoraError, match="damaged or incomplete"):
         read_lora(cut)
+
+
+def test_per_component_scales_match_set_adapters_dict(sd1, sd1_folder, tmp_path):
+    """with_lora(path, {"unet": 0.4, "text_encoder": 1.5}) == diffusers' set_adapters with the
+    per-component dict, on both outputs; bad keys and values are refused."""
+    from jaxsd.checkpoints.tokenizer import tokenize
+
+    ref = reference_pipeline(sd1_folder)
+    path = write_lora(tmp_path / "k.safetensors", ref, "kohya", seed=4)
+    sample, t, text = unet_inputs(None)
+    ids = tokenize(sd1.tokenizer, [PROMPT])
+    base_unet, base_text = torch_unet(ref.unet, sample, t, text), torch_text(ref.text_encoder, ids)
+    ref.load_lora_weights(path, adapter_name="a")
+    ref.set_adapters(["a"], adapter_weights=[{"unet": 0.4, "text_encoder": 1.5}])
+    ours = sd1.with_lora(path, {"unet": 0.4, "text_encoder": 1.5})
+    assert ours.loras == ((path, {"unet": 0.4, "text_encoder": 1.5}),)
+    out = ours.unet.apply({"params": ours.unet_params}, jnp.asarray(sample), jnp.asarray(t), jnp.asarray(text))
+    assert_close(out, torch_unet(ref.unet, sample, t, text), base_unet, "UNet at 0.4")
+    out = ours.text_encoder.apply({"params": ours.text_params}, jnp.asarray(ids)).last_hidden_state
+    assert_close(out, torch_text(ref.text_encoder, ids), base_text, "text encoder at 1.5")
+    with pytest.raises(ValueError, match=r"unknown component\(s\) \['vae'\]; the keys are 'unet' and 'text_encoder'"):
+        sd1.with_lora(path, {"vae": 1.0})
+    with pytest.raises(ValueError, match="must be a real number, or a dict of them"):
+        sd1.with_lora(path, {"unet": "high"})

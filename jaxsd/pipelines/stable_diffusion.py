@@ -130,7 +130,7 @@ class StableDiffusion:
         return cls(sources.load(source, dtype, revision=revision, variant=variant,
                                 allow_pickle=allow_pickle, overrides=overrides or None), dtype)
 
-    def with_lora(self, lora, scale: float = 1.0) -> "StableDiffusion":
+    def with_lora(self, lora, scale: float | dict = 1.0) -> "StableDiffusion":
         """A new pipeline with a LoRA merged into the text encoder and the UNet; this one is unchanged.
 
         Each adapted weight becomes ``W + scale * (alpha / r) * B @ A`` (diffusers'
@@ -140,21 +140,31 @@ class StableDiffusion:
 
         :param lora: a ``.safetensors`` path (PEFT, diffusers or kohya-ss keys) or a list of
             :class:`jaxsd.adapters.LoraUpdate` from :func:`jaxsd.adapters.read_lora`.
-        :param scale: the user's weight (A1111's ``<lora:name:scale>``); 0 leaves the weights as they are.
+        :param scale: the user's weight (A1111's ``<lora:name:scale>``); 0 leaves the weights as
+            they are. A dict ``{"unet": s1, "text_encoder": s2}`` weighs the two apart (diffusers'
+            ``set_adapters`` weights per component; a component left out gets 1, as there).
         """
         from jaxsd.adapters import lora as lora_lib
         from jaxsd.checkpoints import convert
-        if not _is_real(scale):
-            raise ValueError(f"scale={scale!r} must be a real number")
+        scales = dict(scale) if isinstance(scale, dict) else {"unet": scale, "text_encoder": scale}
+        unknown = sorted(set(scales) - {"unet", "text_encoder"})
+        if unknown:
+            raise ValueError(f"scale={scale!r}: unknown component(s) {unknown}; the keys are 'unet' and "
+                             "'text_encoder'")
+        for value in scales.values():
+            if not _is_real(value):
+                raise ValueError(f"scale={scale!r} must be a real number, or a dict of them")
+        scales = {"unet": 1.0, "text_encoder": 1.0, **scales}
         updates = lora if isinstance(lora, list) else lora_lib.read_lora(lora)
         tables = {"unet": convert.unet_table(self.unet.config), "text_encoder": convert.CLIP_TEXT}
         params = {"unet": self.unet_params, "text_encoder": self.text_params}
         what = f"LoRA {lora}" if not isinstance(lora, list) else "the LoRA"
         deltas = lora_lib.lora_deltas(updates, tables, params, what=what)
         new = copy.copy(self)
-        new.unet_params = lora_lib.merge(self.unet_params, [deltas["unet"]], [scale])
-        new.text_params = lora_lib.merge(self.text_params, [deltas["text_encoder"]], [scale])
-        new.loras = self.loras + ((str(lora) if not isinstance(lora, list) else "<updates>", float(scale)),)
+        new.unet_params = lora_lib.merge(self.unet_params, [deltas["unet"]], [scales["unet"]])
+        new.text_params = lora_lib.merge(self.text_params, [deltas["text_encoder"]], [scales["text_encoder"]])
+        recorded = float(scale) if not isinstance(scale, dict) else {k: float(v) for k, v in scales.items()}
+        new.loras = self.loras + ((str(lora) if not isinstance(lora, list) else "<updates>", recorded),)
         return new
 
     def with_embedding(self, path, token: str | None = None, *, allow_pickle: bool = False) -> "StableDiffusion":
