@@ -25,15 +25,19 @@ One folder per concern; read them in this order:
         images.py         image and mask pre/post-processing (diffusers' VaeImageProcessor)
         encoding.py       prompts -> embeddings, pixels <-> scaled latents, the guided denoiser
         stable_diffusion.py   StableDiffusion: text_to_image, image_to_image, inpaint
+    adapters/      files that change a loaded model
+        lora.py           LoRA files (PEFT, diffusers, kohya-ss) -> weight updates, merged purely
+        embeddings.py     textual-inversion embeddings -> new tokens
     training/      training the built-in tiny model from scratch (imported only by cli.py)
         shapes.py         the synthetic dataset; evaluate.py its judge
         recipe.py         model and training configs, losses, jitted steps
         loop.py           data, checkpoints, the loop; export.py writes a diffusers folder
-    cli.py         the jaxsd command
+    cli.py         the jaxsd command; batch.py its prompts file (generate --prompts)
 
 Imports flow one way, and ``tests/test_layout.py`` keeps it so: ``models/`` imports nothing else
 of jaxsd; ``checkpoints/`` only ``models/``; ``sampling/`` nothing else of jaxsd (it sees a
-``model_fn``); ``pipelines/`` composes models, checkpoints and sampling; ``training/`` may use all
+``model_fn``); ``adapters/`` only ``checkpoints/`` and ``models/``; ``pipelines/`` composes models,
+checkpoints, sampling and adapters; ``training/`` may use all
 of them and only ``cli.py`` imports it; ``cli.py`` is the only module that imports both
 ``pipelines/`` and ``training/``. ``import jaxsd`` loads neither ``training/`` nor optax.
 """

@@ -6,9 +6,11 @@ including the ones inside functions:
     models/       imports nothing else of jaxsd
     checkpoints/  imports only models/
     sampling/     imports nothing else of jaxsd (it sees the denoiser as a model_fn)
-    pipelines/    composes models/, checkpoints/ and sampling/
+    adapters/     imports only checkpoints/ and models/ (LoRA files, embeddings)
+    pipelines/    composes models/, checkpoints/, sampling/ and adapters/
     training/     may use all of the above; outside training/, only cli.py imports it
-    cli.py        the only module that imports both pipelines/ and training/
+    cli.py        the only module that imports both pipelines/ and training/ (batch.py, the
+                  prompts file of `jaxsd generate --prompts`, belongs to it)
 
 and no module imports itself back through a chain of others. ``python tests/test_layout.py``
 prints every module with the jaxsd modules it imports.
@@ -21,14 +23,15 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxsd"
-CONCERNS = ("models", "checkpoints", "sampling", "pipelines", "training")
+CONCERNS = ("models", "checkpoints", "sampling", "adapters", "pipelines", "training")
 # concern -> the concerns its modules may import (their own included)
 ALLOWED = {
     "models": {"models"},
     "checkpoints": {"checkpoints", "models"},
     "sampling": {"sampling"},
-    "pipelines": {"pipelines", "models", "checkpoints", "sampling"},
-    "training": {"training", "models", "checkpoints", "sampling", "pipelines"},
+    "adapters": {"adapters", "checkpoints", "models"},
+    "pipelines": {"pipelines", "models", "checkpoints", "sampling", "adapters"},
+    "training": {"training", "models", "checkpoints", "sampling", "adapters", "pipelines"},
     "jaxsd": {"models", "checkpoints", "sampling", "pipelines"},    # the package's public API
     "cli": {"jaxsd", "cli", *CONCERNS},
 }
@@ -66,7 +69,7 @@ def concern(name: str) -> str:
     parts = name.split(".")
     if len(parts) == 1:
         return "jaxsd"
-    if parts[1] in ("cli", "__main__"):
+    if parts[1] in ("cli", "__main__", "batch"):
         return "cli"
     return parts[1] if parts[1] in CONCERNS else name
 
