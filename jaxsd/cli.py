@@ -44,17 +44,23 @@ def parameters_text(prompt, negative, *, steps, sampler, karras, guidance, seed,
     return "\n".join(lines)
 
 
-def save_png(image, folder: Path, seed: int, parameters: str) -> Path:
-    """Write ``NNNNN-seed.png`` with the next free number; never overwrites."""
+def _encode_png(image, parameters: str) -> io.BytesIO:
+    """The PNG bytes of ``image`` with its ``parameters`` text chunk."""
     from PIL import Image, PngImagePlugin
 
-    folder.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    # Encoded to memory, then written to a hidden temporary name and linked to the final one:
-    # a full disk or an interrupt leaves no truncated PNG, and os.link fails if the name exists.
     encoded = io.BytesIO()
     Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
+    return encoded
+
+
+def save_png(image, folder: Path, seed: int, parameters: str) -> Path:
+    """Write ``NNNNN-seed.png`` with the next free number; never overwrites."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # Encoded to memory, then written to a hidden temporary name and linked to the final one:
+    # a full disk or an interrupt leaves no truncated PNG, and os.link fails if the name exists.
+    encoded = _encode_png(image, parameters)
     tmp = folder / f".{os.getpid()}-{seed}.png.tmp"
     try:
         tmp.write_bytes(encoded.getvalue())
@@ -185,12 +191,7 @@ def _generate_many(args, pipe, jobs, *, sampler, karras, common, extra, tags, mo
 
 def write_png(image, path: Path, parameters: str) -> bool:
     """Write a PNG under a fixed name, never replacing a file: False if the name is taken."""
-    from PIL import Image, PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    encoded = io.BytesIO()
-    Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
+    encoded = _encode_png(image, parameters)
     tmp = path.parent / f".{os.getpid()}-{path.name}.tmp"
     try:
         tmp.write_bytes(encoded.getvalue())

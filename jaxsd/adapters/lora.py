@@ -213,10 +213,11 @@ def lora_deltas(updates: Sequence[LoraUpdate], tables: Mapping[str, convert.Tabl
     """
     deltas: dict[str, dict[str, np.ndarray]] = {c: {} for c in tables}
     unmatched, mismatched = [], []
-    lookups = {}
+    lookups, shapes = {}, {}
     for component, table in tables.items():
         modules = _module_names(table, params[component])
         lookups[component] = (modules, {"_" + m.replace(".", "_"): m for m in modules})
+        shapes[component] = {p: np.shape(w) for p, w in convert.flatten(params[component]).items()}
     for u in updates:
         if u.component not in lookups:
             unmatched.append(f"{u.keys[0]} (for the {u.component}, which was not passed: pass its table "
@@ -231,7 +232,7 @@ def lora_deltas(updates: Sequence[LoraUpdate], tables: Mapping[str, convert.Tabl
             unmatched.append(f"{u.keys[0]} (module {module!r})")
             continue
         path, layout = modules[module]
-        target = np.shape(convert.flatten(params[u.component])[path])
+        target = shapes[u.component][path]
         delta = u.delta()
         try:
             ours = layout.to_ours(delta)
