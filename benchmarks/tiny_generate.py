@@ -1,9 +1,12 @@
-"""Cold start with the built-in tiny-shapes model: one image from a fresh process, jaxsd vs diffusers.
+"""Cold and warm starts with the built-in tiny-shapes model: one image from a fresh process,
+jaxsd vs diffusers.
 
     python benchmarks/tiny_generate.py [--repeats 3] [--steps 50]
 
 jaxsd: the `jaxsd generate "a red circle on a blue background" --seed 0` command itself
-(import, load, compile, 50 steps of the folder's own sampler with guidance, decode, PNG).
+(import, load, compile, 50 steps of the folder's own sampler with guidance, decode, PNG), twice:
+"cold" with an empty compilation cache folder every run (what a first run pays, writing the
+cache included), "warm" with the folder a previous run filled (every later run).
 diffusers: a Python process that imports diffusers, loads the same folder with
 `StableDiffusionPipeline.from_pretrained`, and runs the same prompt, steps and guidance at
 64 x 64, then saves a PNG. Each run is a fresh process
@@ -34,9 +37,12 @@ image.save(sys.argv[3] + "/diffusers.png")
 """
 
 
-def run(cmd) -> float:
+def run(cmd, cache: str | None = None) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "JAXSD_NO_CACHE"}
+    if cache is not None:
+        env["JAXSD_CACHE_DIR"] = cache
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
 
 
@@ -49,15 +55,19 @@ def main():
         jaxsd_cmd = ["jaxsd", "generate", PROMPT, "--seed", "0", "--steps", str(args.steps), "--out", out]
         diffusers_cmd = [sys.executable, "-c", DIFFUSERS, PROMPT, str(args.steps), out]
         print(f"load average before: {os.getloadavg()[0]:.2f}")
-        run(jaxsd_cmd), run(diffusers_cmd)  # warm the file cache
-        times = {"jaxsd": [], "diffusers": []}
-        for _ in range(args.repeats):
-            times["jaxsd"].append(run(jaxsd_cmd))
+        warm = os.path.join(out, "warm-cache")
+        run(jaxsd_cmd, warm), run(diffusers_cmd)  # warm the file cache; fill the compilation cache
+        times = {"jaxsd cold": [], "jaxsd warm": [], "diffusers": []}
+        for i in range(args.repeats):
+            times["jaxsd cold"].append(run(jaxsd_cmd, os.path.join(out, f"cold-cache-{i}")))
+            times["jaxsd warm"].append(run(jaxsd_cmd, warm))
             times["diffusers"].append(run(diffusers_cmd))
     for name, ts in times.items():
         print(f"{name:10s} median {statistics.median(ts):.1f} s  (all: {', '.join(f'{t:.1f}' for t in ts)})")
-    ratio = statistics.median(times["jaxsd"]) / statistics.median(times["diffusers"])
-    print(f"jaxsd / diffusers: {ratio:.2f}  (load average after: {os.getloadavg()[0]:.2f})")
+    for name in ("jaxsd cold", "jaxsd warm"):
+        ratio = statistics.median(times[name]) / statistics.median(times["diffusers"])
+        print(f"{name} / diffusers: {ratio:.2f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

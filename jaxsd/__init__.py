@@ -28,6 +28,7 @@ One folder per concern; read them in this order:
     adapters/      files that change a loaded model
         lora.py           LoRA files (PEFT, diffusers, kohya-ss) -> weight updates, merged purely
         embeddings.py     textual-inversion embeddings -> new tokens
+    runtime.py     the compilation cache on disk, and the devices a batch is spread over
     training/      training the built-in tiny model from scratch (imported only by cli.py)
         shapes.py         the synthetic dataset; evaluate.py its judge
         recipe.py         model and training configs, losses, jitted steps
@@ -36,8 +37,8 @@ One folder per concern; read them in this order:
 
 Imports flow one way, and ``tests/test_layout.py`` keeps it so: ``models/`` imports nothing else
 of jaxsd; ``checkpoints/`` only ``models/``; ``sampling/`` nothing else of jaxsd (it sees a
-``model_fn``); ``adapters/`` only ``checkpoints/`` and ``models/``; ``pipelines/`` composes models,
-checkpoints, sampling and adapters; ``training/`` may use all
+``model_fn``); ``adapters/`` only ``checkpoints/`` and ``models/``; ``runtime.py`` nothing else of jaxsd;
+``pipelines/`` composes models, checkpoints, sampling, adapters and runtime; ``training/`` may use all
 of them and only ``cli.py`` imports it; ``cli.py`` is the only module that imports both
 ``pipelines/`` and ``training/``. ``import jaxsd`` loads neither ``training/`` nor optax.
 """
@@ -50,10 +51,12 @@ from jaxsd.models.unet import UNet, UNetConfig
 from jaxsd.models.vae import AutoencoderKL, VAEConfig, image_to_latents, latents_to_image
 from jaxsd.pipelines.images import image_grid
 from jaxsd.pipelines.stable_diffusion import StableDiffusion
+from jaxsd.runtime import enable_compilation_cache
 from jaxsd.sampling import SAMPLERS, add_noise, first_step_for_strength, make_plan, sample
 from jaxsd.sampling.schedule import SD1_CONFIG, SD2_V_CONFIG, ScheduleConfig
 
 __all__ = [
+    "enable_compilation_cache",
     "CLIPTextConfig", "CLIPTextModel", "load_clip_text", "load_tokenizer", "tokenize",
     "AutoencoderKL", "VAEConfig", "load_vae", "image_to_latents", "latents_to_image",
     "UNet", "UNetConfig", "load_unet",

@@ -541,7 +541,14 @@ def _add_generation_options(p, *, size_help: str, prompts_file: bool = False):
                    "file merged into the model, with its scale (default 1); repeat for several")
     p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]", help="a textual-inversion "
                    ".safetensors file; its token (default: the file's own) can then be used in the prompt")
+    _add_cache_option(p)
     p.set_defaults(run=_generate)
+
+
+def _add_cache_option(p):
+    p.add_argument("--no-cache", action="store_true", help="do not read or write compiled programs "
+                   "in the compilation cache (default: on, in $JAXSD_CACHE_DIR or ~/.cache/jaxsd; "
+                   "JAXSD_NO_CACHE=1 turns it off too)")
 
 
 def _train_tiny(args) -> int:
@@ -648,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--autoencoder", action="store_true",
                     help="first, a row for the VAE's own reconstructions of renders of the same "
                          "held-out combinations: the ceiling of the samplers' rows")
+    _add_cache_option(ev)
     ev.set_defaults(run=_evaluate)
 
     smp = commands.add_parser("samplers", help="list the samplers, what each costs and what it can run")
@@ -666,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "no_cache") and not args.no_cache:
+            from jaxsd import runtime
+            runtime.enable_compilation_cache()  # a second run reads its programs back: seconds
         return args.run(args)
     except (ValueError, OSError) as error:  # bad input or a checkpoint that cannot be read:
         # the message says what to do; a traceback would only bury it.

@@ -7,7 +7,8 @@ including the ones inside functions:
     checkpoints/  imports only models/
     sampling/     imports nothing else of jaxsd (it sees the denoiser as a model_fn)
     adapters/     imports only checkpoints/ and models/ (LoRA files, embeddings)
-    pipelines/    composes models/, checkpoints/, sampling/ and adapters/
+    runtime.py    imports nothing else of jaxsd (the compilation cache, devices)
+    pipelines/    composes models/, checkpoints/, sampling/, adapters/ and runtime.py
     training/     may use all of the above; outside training/, only cli.py imports it
     cli.py        the only module that imports both pipelines/ and training/ (batch.py, the
                   prompts file of `jaxsd generate --prompts`, belongs to it)
@@ -23,16 +24,17 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxsd"
-CONCERNS = ("models", "checkpoints", "sampling", "adapters", "pipelines", "training")
+CONCERNS = ("models", "checkpoints", "sampling", "adapters", "runtime", "pipelines", "training")
 # concern -> the concerns its modules may import (their own included)
 ALLOWED = {
     "models": {"models"},
     "checkpoints": {"checkpoints", "models"},
     "sampling": {"sampling"},
     "adapters": {"adapters", "checkpoints", "models"},
-    "pipelines": {"pipelines", "models", "checkpoints", "sampling", "adapters"},
-    "training": {"training", "models", "checkpoints", "sampling", "adapters", "pipelines"},
-    "jaxsd": {"models", "checkpoints", "sampling", "pipelines"},    # the package's public API
+    "runtime": {"runtime"},
+    "pipelines": {"pipelines", "models", "checkpoints", "sampling", "adapters", "runtime"},
+    "training": {"training", "models", "checkpoints", "sampling", "adapters", "runtime", "pipelines"},
+    "jaxsd": {"models", "checkpoints", "sampling", "pipelines", "runtime"},    # the public API
     "cli": {"jaxsd", "cli", *CONCERNS},
 }
 

@@ -136,19 +136,62 @@ def test_traced_arguments_do_not_recompile():
     assert sampling._sample_jit._cache_size() == size + 2
 
 
+class Counter:
+    """A stand-in progress bar: counts updates, records the phase shown."""
+
+    def __init__(self):
+        self.n, self.postfixes, self.resets = 0, [], 0
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix_str(self, text):
+        self.postfixes.append(text)
+
+    def reset(self, total=None):
+        self.n, self.resets = 0, self.resets + 1
+
+
 def test_trajectory_and_progress():
-    class Counter:
-        n = 0
-
-        def update(self, k):
-            self.n += k
-
     bar = Counter()
     out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="heun", num_steps=4,
                           schedule=SD1_CONFIG, return_trajectory=True, progress=bar)
     assert out.trajectory.shape == (7,) + LATENTS.shape  # 2N - 1 evaluations
-    assert bar.n == 7
+    assert bar.n == 7 and bar.postfixes == ["compiling...", ""] and bar.resets == 1
     np.testing.assert_array_equal(out.latents, out.trajectory[-1])
+
+
+@pytest.mark.parametrize("name", sorted(sampling.SAMPLERS))
+def test_progress_runs_the_scan_s_steps(name):
+    """With a progress bar the loop runs one compiled evaluation per call (so that the programs
+    can go to JAX's persistent cache): the same steps, noise and img2img skip as the scan, equal
+    to float32 rounding (1e-6 of the latents' scale, about 1), trajectories included."""
+    cfg = ScheduleConfig.from_config(dict(CONFIGS["sd1"], skip_prk_steps=True))
+    eta = 0.5 if name in ("ddim", "tcd") else 0.0
+    kw = dict(sampler=name, num_steps=5, schedule=cfg, key=KEY, eta=eta, return_trajectory=True)
+    for extra in ({}, dict(init_latents=jnp.asarray(LATENTS[..., ::-1]), first_step=2)):
+        scanned = sampling.sample(jax_model, jnp.asarray(LATENTS), **kw, **extra)
+        bar = Counter()
+        stepped = sampling.sample(jax_model, jnp.asarray(LATENTS), **kw, **extra, progress=bar)
+        np.testing.assert_allclose(stepped.trajectory, scanned.trajectory, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(stepped.latents, scanned.latents, rtol=0, atol=1e-6)
+        assert bar.n == scanned.trajectory.shape[0]
+    assert not np.allclose(stepped.trajectory[0], stepped.trajectory[-1])  # the steps moved x
+
+
+def test_progress_compiles_each_program_once():
+    size = len(sampling._EXECUTABLES)
+    for seed in range(3):  # new noise and key: the same two programs
+        sampling.sample(jax_model, jnp.asarray(LATENTS) + seed, sampler="euler_a", num_steps=3,
+                        schedule=SD1_CONFIG, key=jax.random.key(seed), progress=Counter())
+    assert len(sampling._EXECUTABLES) == size + 2
+
+
+def test_progress_refuses_to_run_inside_jit():
+    run = jax.jit(lambda x: sampling.sample(jax_model, x, sampler="euler", num_steps=3,
+                                            schedule=SD1_CONFIG, progress=Counter()).latents)
+    with pytest.raises(ValueError, match="progress= needs concrete arrays"):
+        run(jnp.asarray(LATENTS))
 
 
 def test_bfloat16_model_keeps_float32_arithmetic():

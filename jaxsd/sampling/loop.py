@@ -8,14 +8,13 @@ fractional for Karras-style schedules), and `model_args` any traced values it ne
 embeddings, guidance scale). One scan iteration is one model evaluation.
 
 What is static (a change recompiles): model_fn, sampler, num_steps (through the plan's length),
-the shapes, return_trajectory and whether a progress bar is attached. What is traced (a change
+the shapes and return_trajectory. What is traced (a change
 reuses the compiled program): the schedule's numbers, model_args, eta, key, first_step (img2img).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -210,8 +209,10 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     :param after_step: `after_step(x, i, *after_step_args) -> x`, applied to the latents after
         evaluation i (static, like model_fn). Inpainting with an ordinary 4-channel UNet uses it
         to paste the re-noised known region back after every step, as diffusers does.
-    :param progress: None, or an object with `.update(n)` (e.g. a tqdm bar) that is advanced from
-        inside the scan by an ordered host callback.
+    :param progress: None (one lax.scan), or an object with `.update(n)` (e.g. a tqdm bar): then
+        the same steps run one compiled call each and the bar advances between them (the
+        results agree with the scan's to float32 rounding); a tqdm bar shows "compiling..."
+        first. Both ways are cached by JAX's persistent compilation cache when it is on.
     """
     s = get_sampler(sampler)
     check_eta(sampler, eta)
@@ -229,63 +230,69 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     arrays = dict(timesteps=plan.timesteps, c_in=plan.c_in, consts=plan.consts,
                   noise_a=plan.noise_a, noise_b=plan.noise_b,
                   init_noise_sigma=np.float32(plan.init_noise_sigma))
+    static = dict(sampler=s.name, after_step=after_step, learned_variance=learned_variance)
     if progress is None:
         return _sample_jit(model_fn, tuple(model_args), latents, init_latents, arrays, key,
-                           jnp.float32(eta), first_step, sampler=s.name,
-                           return_trajectory=return_trajectory, progress=False,
-                           after_step=after_step, after_step_args=tuple(after_step_args),
-                           learned_variance=learned_variance)
-    run = functools.partial(_sample_jit, model_fn, tuple(model_args), latents, init_latents, arrays,
-                            key, jnp.float32(eta), first_step, sampler=s.name,
-                            return_trajectory=return_trajectory, progress=True,
-                            after_step=after_step, after_step_args=tuple(after_step_args),
-                            learned_variance=learned_variance)
-    _PROGRESS.append(progress)
-    try:
-        return _interruptible(run)
-    finally:
-        _PROGRESS.pop()
+                           jnp.float32(eta), first_step, return_trajectory=return_trajectory,
+                           after_step_args=tuple(after_step_args), **static)
+    return _sample_stepwise(progress, model_fn, tuple(model_args), latents, init_latents, arrays,
+                            key, jnp.float32(eta), first_step, return_trajectory,
+                            tuple(after_step_args), static)
 
 
-class _Stop(Exception):
-    """Raised inside the scan's progress callback to end a run the user interrupted."""
+def _sample_stepwise(progress, model_fn, model_args, latents, init_latents, arrays, key, eta,
+                     first_step, return_trajectory, after_step_args, static) -> Sampled:
+    """`_sample_jit`'s loop with the same step function, one compiled call per evaluation, so
+    that a progress bar advances between calls.
 
-
-_STOP = threading.Event()
-
-
-def _interruptible(run: Callable):
-    """``run()``, stoppable by Ctrl-C within a step.
-
-    A jitted scan is one call into XLA: Python sees Ctrl-C only when it returns, minutes later
-    for a long run. So the run goes to a worker thread while the main thread waits, where
-    KeyboardInterrupt arrives at once; it then sets a flag that the next step's progress
-    callback turns into an error, which ends the computation, and re-raises KeyboardInterrupt.
+    Why not one scan with a host callback inside that ticks the bar: JAX never writes a program
+    with host callbacks to its persistent compilation cache, so every process would compile
+    the whole loop again. Here both programs (the first state, one evaluation) are compiled
+    ahead of time while the bar says "compiling", and are cacheable. A step is one UNet call
+    or two, so the host round trip per step costs nothing visible; Ctrl-C lands between steps.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return _finish(run())
-    result = {}
+    if isinstance(latents, jax.core.Tracer):
+        raise ValueError("progress= needs concrete arrays: a sample() with a progress bar cannot "
+                         "run inside jax.jit (leave progress=None there)")
+    first = int(first_step)
+    E = arrays["timesteps"].shape[0]
+    describe = getattr(progress, "set_postfix_str", None)
+    if describe is not None:
+        describe("compiling...")
+    init = _compiled(_initial_state_jit, (latents, init_latents, arrays, first),
+                     dict(sampler=static["sampler"]))
+    state = init(latents, init_latents, arrays, first)
+    step_args = (model_args, state, np.int32(first), arrays, key, eta, after_step_args)
+    step = _compiled(_evaluate_jit, step_args, dict(static, model_fn=model_fn))
+    if describe is not None:
+        describe("")
+    if hasattr(progress, "reset"):  # the bar's clock and rate start with the steps, not the compile
+        progress.reset(total=E)
+    progress.update(first)  # img2img: the evaluations it skips
+    trajectory = [state.x] * first
+    for i in range(first, E):
+        state = step(model_args, state, np.int32(i), arrays, key, eta, after_step_args)
+        jax.block_until_ready(state.x)
+        if return_trajectory:
+            trajectory.append(state.x)
+        progress.update(1)
+    return Sampled(latents=state.x, trajectory=jnp.stack(trajectory) if return_trajectory else None)
 
-    def work():
-        try:
-            result["out"] = _finish(run())
-        except BaseException as error:  # handed to the main thread
-            result["error"] = error
 
-    _STOP.clear()
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.05)
-    except KeyboardInterrupt:
-        _STOP.set()
-        worker.join()
-        _STOP.clear()
-        raise
-    if "error" in result:
-        raise result["error"]
-    return result["out"]
+_EXECUTABLES: dict = {}  # (function, statics, argument types) -> compiled program, for _compiled
+
+
+def _compiled(fn, args: tuple, static: dict):
+    """The jitted ``fn`` compiled ahead of time for these arguments' shapes, dtypes and
+    shardings (through JAX's persistent cache when it is on), kept in memory."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    types = tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
+    cache_key = (fn, tree, types, tuple(sorted(static.items(), key=lambda kv: kv[0])))
+    if cache_key not in _EXECUTABLES:
+        if len(_EXECUTABLES) >= 64:
+            _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+        _EXECUTABLES[cache_key] = fn.lower(*args, **static).compile()
+    return _EXECUTABLES[cache_key]
 
 
 def _check_output(out_shape, x_shape, sampler, learned_variance):
@@ -302,55 +309,61 @@ def _check_output(out_shape, x_shape, sampler, learned_variance):
                          f"latents' shape {tuple(x_shape)}{hint}")
 
 
-def _finish(out):
-    jax.block_until_ready(out)
-    jax.effects_barrier()
-    return out
-
-
-_PROGRESS: list = []  # progress bars of the sample() calls now running, innermost last
-
-
-def _tick(i):
-    if _STOP.is_set():
-        raise _Stop("interrupted")
-    if _PROGRESS:
-        _PROGRESS[-1].update(1)
-
-
-@functools.partial(jax.jit, static_argnames=("model_fn", "sampler", "return_trajectory",
-                                             "progress", "after_step", "learned_variance"))
-def _sample_jit(model_fn, model_args, latents, init_latents, arrays, key, eta, first_step, *,
-                sampler, return_trajectory, progress, after_step=None, after_step_args=(),
-                learned_variance=False):
-    s = SAMPLERS[sampler]
+def _initial_state(latents, init_latents, arrays, first_step, *, sampler):
+    """The sampler's state before evaluation 0 (text-to-image) or `first_step` (img2img)."""
     latents = latents.astype(jnp.float32)
     if init_latents is None:
         x = latents * arrays["init_noise_sigma"]
     else:
         x = (arrays["noise_a"][first_step] * init_latents.astype(jnp.float32)
              + arrays["noise_b"][first_step] * latents)
-    E = arrays["timesteps"].shape[0]
+    return SAMPLERS[sampler].init(x)
 
-    def evaluate(state, i, t, c_in, c):
-        # Scheduler arithmetic stays float32 whatever the model's dtype (diffusers PR #4254).
-        out = model_fn(c_in * state.x, t, *model_args).astype(jnp.float32)
-        _check_output(out.shape, state.x.shape, sampler, learned_variance)
-        noise = step_noise(key, i, state.x.shape) if s.stochastic else None
-        state = s.step(state, out, dict(c, eta=eta), noise)
-        if after_step is not None:
-            state = state.replace(x=after_step(state.x, i, *after_step_args))
-        return state
+
+def _evaluate(model_fn, model_args, state, i, t, c_in, c, key, eta, after_step_args, *,
+              sampler, after_step, learned_variance):
+    """Evaluation i: one model call and the sampler's step, then `after_step`."""
+    s = SAMPLERS[sampler]
+    # Scheduler arithmetic stays float32 whatever the model's dtype (diffusers PR #4254).
+    out = model_fn(c_in * state.x, t, *model_args).astype(jnp.float32)
+    _check_output(out.shape, state.x.shape, sampler, learned_variance)
+    noise = step_noise(key, i, state.x.shape) if s.stochastic else None
+    state = s.step(state, out, dict(c, eta=eta), noise)
+    if after_step is not None:
+        state = state.replace(x=after_step(state.x, i, *after_step_args))
+    return state
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "sampler", "return_trajectory",
+                                             "after_step", "learned_variance"))
+def _sample_jit(model_fn, model_args, latents, init_latents, arrays, key, eta, first_step, *,
+                sampler, return_trajectory, after_step=None, after_step_args=(),
+                learned_variance=False):
+    static = dict(sampler=sampler, after_step=after_step, learned_variance=learned_variance)
 
     def body(state, xs):
         i, t, c_in, c = xs
         # img2img skips the first evaluations; lax.cond runs only the taken branch.
-        state = jax.lax.cond(i >= first_step, lambda st: evaluate(st, i, t, c_in, c),
-                             lambda st: st, state)
-        if progress:
-            jax.debug.callback(_tick, i, ordered=True)
+        state = jax.lax.cond(i >= first_step, lambda st: _evaluate(
+            model_fn, model_args, st, i, t, c_in, c, key, eta, after_step_args, **static),
+            lambda st: st, state)
         return state, (state.x if return_trajectory else None)
 
+    E = arrays["timesteps"].shape[0]
     xs = (jnp.arange(E), arrays["timesteps"], arrays["c_in"], arrays["consts"])
-    state, trajectory = jax.lax.scan(body, s.init(x), xs)
+    state0 = _initial_state(latents, init_latents, arrays, first_step, sampler=sampler)
+    state, trajectory = jax.lax.scan(body, state0, xs)
     return Sampled(latents=state.x, trajectory=trajectory)
+
+
+# The same two pieces as programs of their own, for the step-by-step loop with a progress bar.
+_initial_state_jit = jax.jit(_initial_state, static_argnames=("sampler",))
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "sampler", "after_step", "learned_variance"))
+def _evaluate_jit(model_args, state, i, arrays, key, eta, after_step_args, *, model_fn, sampler,
+                  after_step, learned_variance):
+    c = jax.tree_util.tree_map(lambda a: a[i], arrays["consts"])
+    return _evaluate(model_fn, model_args, state, i, arrays["timesteps"][i], arrays["c_in"][i], c,
+                     key, eta, after_step_args, sampler=sampler, after_step=after_step,
+                     learned_variance=learned_variance)
