@@ -95,3 +95,15 @@ def read_prompts(path: str | Path, *, seed: int = 0, batch: int = 1, negative: s
 def output_path(folder: Path, job: Job, image_seed: int) -> Path:
     """The fixed file name of one image of a job: ``<line>-<seed>.png``."""
     return folder / f"{job.line:05d}-{image_seed}.png"
+
+
+def calls(items: list, size: int, key) -> list[list]:
+    """``items`` in order, cut into groups of at most ``size`` consecutive items with equal
+    ``key(item)`` (one pipeline call each: a call draws images of one size)."""
+    groups: list[list] = []
+    for item in items:
+        if groups and len(groups[-1]) < size and key(groups[-1][0]) == key(item):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups

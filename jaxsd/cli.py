@@ -155,8 +155,11 @@ def _read_prompts_file(args) -> list:
 
 def _generate_many(args, pipe, jobs, *, sampler, karras, common, extra, tags, model_name) -> int:
     """--prompts: each line's images with their fixed names; the ones already there are skipped."""
+    import jax
+    import numpy as np
     from tqdm.auto import tqdm
 
+    from jaxsd import batch
     from jaxsd.batch import output_path
     from jaxsd.pipelines.stable_diffusion import check_side
 
@@ -169,23 +172,35 @@ def _generate_many(args, pipe, jobs, *, sampler, karras, common, extra, tags, mo
                     raise ValueError(f"{Path(args.prompts).name} line {job.line}: {error}") from None
     folder = Path(args.out)
     wanted = [(job, job.seed + k) for job in jobs for k in range(args.batch)]
-    todo = [(job, s) for job, s in wanted if not output_path(folder, job, s).exists()]
-    if len(todo) < len(wanted):
+    there = np.array([output_path(folder, job, s).exists() for job, s in wanted])
+    if jax.process_count() > 1:  # every process must run the same calls: process 0's view decides
+        from jax.experimental import multihost_utils
+        there = np.asarray(multihost_utils.broadcast_one_to_all(there))
+    todo = [w for w, done in zip(wanted, there) if not done]
+    writes = _writes_files()
+    if len(todo) < len(wanted) and writes:
         print(f"{len(wanted) - len(todo)} of {len(wanted)} images are already in {folder}; "
               f"drawing the other {len(todo)}")
     common = {k: v for k, v in common.items() if k != "negative_prompt"} | {"progress": False}
-    with tqdm(total=len(todo), unit="image", desc="generate") as bar:
-        for job, seed in todo:
-            width, height = job.size or (pipe.default_size, pipe.default_size)
-            (picture,) = pipe.text_to_image(job.prompt, negative_prompt=job.negative, height=height,
-                                            width=width, seed=seed, **common)
-            batch = {"Batch size": args.batch, "Batch pos": seed - job.seed} if args.batch > 1 else {}
-            text = parameters_text(" ".join([job.prompt] + tags), job.negative, steps=args.steps,
-                                   sampler=sampler, karras=karras, guidance=args.guidance, seed=seed,
-                                   width=width, height=height, model=model_name, extra={**extra, **batch})
-            path = output_path(folder, job, seed)
-            bar.write(f"wrote {path}" if write_png(picture, path, text) else f"skipped {path}: it appeared meanwhile")
-            bar.update(1)
+    size = lambda job: job.size or (pipe.default_size, pipe.default_size)
+    with tqdm(total=len(todo), unit="image", desc="generate", disable=not writes) as bar:
+        for group in batch.calls(todo, _images_per_call(pipe), key=lambda w: size(w[0])):
+            # one call per group of same-size images, each with its own prompt and seed
+            width, height = size(group[0][0])
+            pictures = pipe.text_to_image([job.prompt for job, _ in group], height=height, width=width,
+                                          negative_prompt=[job.negative or "" for job, _ in group],
+                                          seed=[s for _, s in group], **common)
+            for (job, seed), picture in zip(group, pictures):
+                if writes:
+                    pos = {"Batch size": args.batch, "Batch pos": seed - job.seed} if args.batch > 1 else {}
+                    text = parameters_text(" ".join([job.prompt] + tags), job.negative, steps=args.steps,
+                                           sampler=sampler, karras=karras, guidance=args.guidance,
+                                           seed=seed, width=width, height=height, model=model_name,
+                                           extra={**extra, **pos})
+                    path = output_path(folder, job, seed)
+                    bar.write(f"wrote {path}" if write_png(picture, path, text) else
+                              f"skipped {path}: it appeared meanwhile")
+                bar.update(1)
     return 0
 
 
@@ -341,7 +356,8 @@ def _generate(args) -> int:
         extra["Schedule type"] = args.schedule
     if args.command == "generate":
         width, height = args.size or (pipe.default_size, pipe.default_size)
-        draw = lambda s: pipe.text_to_image(args.prompt, height=height, width=width, seed=s, **common)
+        draw = lambda s: pipe.text_to_image(args.prompt, height=height, width=width, seed=s,
+                                            batch_size=len(s), **common)
     else:
         image = _open_image(args.image)
         if args.size:
@@ -351,11 +367,11 @@ def _generate(args) -> int:
         extra["Denoising strength"] = args.strength
         if args.command == "img2img":
             draw = lambda s: pipe.image_to_image(image, args.prompt, strength=args.strength, height=height,
-                                                 width=width, seed=s, **common)
+                                                 width=width, seed=s, batch_size=len(s), **common)
         else:
             mask = _open_image(args.mask)
             draw = lambda s: pipe.inpaint(image, mask, args.prompt, strength=args.strength, height=height,
-                                          width=width, seed=s, **common)
+                                          width=width, seed=s, batch_size=len(s), **common)
     model_name = Path(str(args.model).rstrip("/")).name
     # AUTOMATIC1111 records a LoRA as <lora:name:scale> in the prompt, and its hash.
     tags = [f"<lora:{name}:{scale:g}>" for name, scale, _, _ in loras]
@@ -365,14 +381,35 @@ def _generate(args) -> int:
         return _generate_many(args, pipe, jobs, sampler=sampler, karras=karras, common=common,
                               extra=extra, tags=tags, model_name=model_name)
     prompt = " ".join([args.prompt] + tags)
-    for i in range(args.batch):
-        (picture,) = draw(seed + i)
-        batch = {"Batch size": args.batch, "Batch pos": i} if args.batch > 1 else {}
-        text = parameters_text(prompt, args.negative, steps=args.steps, sampler=sampler,
-                               karras=karras, guidance=args.guidance, seed=seed + i, width=width,
-                               height=height, model=model_name, extra={**extra, **batch})
-        print(f"wrote {save_png(picture, Path(args.out), seed + i, text)}")
+    per_call = _images_per_call(pipe)
+    for start in range(0, args.batch, per_call):
+        # one seed per image (a seed list): the same pictures however many images share a call
+        seeds = [seed + i for i in range(start, min(start + per_call, args.batch))]
+        pictures = draw(seeds)
+        if not _writes_files():
+            continue
+        for i, picture in zip(range(start, args.batch), pictures):
+            batch = {"Batch size": args.batch, "Batch pos": i} if args.batch > 1 else {}
+            text = parameters_text(prompt, args.negative, steps=args.steps, sampler=sampler,
+                                   karras=karras, guidance=args.guidance, seed=seed + i, width=width,
+                                   height=height, model=model_name, extra={**extra, **batch})
+            print(f"wrote {save_png(picture, Path(args.out), seed + i, text)}")
     return 0
+
+
+def _images_per_call(pipe) -> int:
+    """Images drawn by one pipeline call: one per device the batch is split over (one here
+    without several devices, so each PNG is written as soon as it is drawn)."""
+    import jax
+
+    return len(pipe.devices) if pipe.devices is not None else jax.device_count()
+
+
+def _writes_files() -> bool:
+    """Multi-host (--distributed): every process runs every call, process 0 writes the files."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _open_image(path):
@@ -542,6 +579,10 @@ def _add_generation_options(p, *, size_help: str, prompts_file: bool = False):
     p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]", help="a textual-inversion "
                    ".safetensors file; its token (default: the file's own) can then be used in the prompt")
     _add_cache_option(p)
+    p.add_argument("--distributed", action="store_true", help="one process of a multi-host run: "
+                   "join the others (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or "
+                   "SLURM/Open MPI/Cloud TPU detected) and split each batch over all their devices; "
+                   "process 0 writes the files (see docs/scale.md)")
     p.set_defaults(run=_generate)
 
 
@@ -674,6 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "distributed", False):
+            from jaxsd import runtime
+            try:
+                runtime.initialize_distributed()  # before anything else touches JAX
+            except RuntimeError as error:
+                raise ValueError(str(error)) from None
         if hasattr(args, "no_cache") and not args.no_cache:
             from jaxsd import runtime
             runtime.enable_compilation_cache()  # a second run reads its programs back: seconds

@@ -1,4 +1,5 @@
 """The jaxsd command."""
+import re
 import subprocess
 import sys
 
@@ -236,7 +237,7 @@ def test_ctrl_c_stops_sampling_at_once_and_writes_nothing(tmp_path):
                 f"sys.argv = {argv!r}; runpy.run_module('jaxsd', run_name='__main__')")
     proc = subprocess.Popen([sys.executable, "-c", launcher], stderr=subprocess.PIPE, text=True)
     seen = ""
-    while "/1000" not in seen:                     # the progress bar has started: sampling runs
+    while not re.search(r"[1-9]\d*/1000", seen):    # compiled, and the steps run
         chunk = proc.stderr.read(1)
         assert chunk, f"the command ended before sampling: {seen}"
         seen += chunk

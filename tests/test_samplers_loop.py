@@ -180,11 +180,12 @@ def test_progress_runs_the_scan_s_steps(name):
 
 
 def test_progress_compiles_each_program_once():
-    size = len(sampling._EXECUTABLES)
+    sizes = sampling._initial_state_jit._cache_size(), sampling._evaluate_jit._cache_size()
     for seed in range(3):  # new noise and key: the same two programs
         sampling.sample(jax_model, jnp.asarray(LATENTS) + seed, sampler="euler_a", num_steps=3,
                         schedule=SD1_CONFIG, key=jax.random.key(seed), progress=Counter())
-    assert len(sampling._EXECUTABLES) == size + 2
+    assert sampling._initial_state_jit._cache_size() == sizes[0] + 1
+    assert sampling._evaluate_jit._cache_size() == sizes[1] + 1
 
 
 def test_progress_refuses_to_run_inside_jit():

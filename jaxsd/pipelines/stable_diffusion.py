@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd import sampling
+from jaxsd import runtime, sampling
 from jaxsd.checkpoints import sources
 from jaxsd.checkpoints.files import CheckpointError
 from jaxsd.checkpoints.tokenizer import tokenize
@@ -85,7 +85,7 @@ def check_side(name: str, value, vae_factor: int, latent_multiple: int) -> None:
 class StableDiffusion:
     """A loaded checkpoint: the modules, their parameters, the tokenizer and the schedule."""
 
-    def __init__(self, components: sources.Components, dtype=jnp.float32):
+    def __init__(self, components: sources.Components, dtype=jnp.float32, devices=None):
         c = components
         self.tokenizer = c.tokenizer
         self.text_encoder, self.text_params = c.text_encoder, c.text_params
@@ -114,10 +114,14 @@ class StableDiffusion:
         self._model_fns: dict = {}   # (guidance, rescale, extra channels) -> model_fn (static in jit)
         self.loras: tuple = ()       # (file, scale) of each LoRA merged in by with_lora
         self.embeddings: dict = {}   # token -> vectors, of each embedding added by with_embedding
+        # The devices a batch is split over (None: all of jax.devices(); one device: no split).
+        self.devices = None if devices is None else tuple(devices)
+        runtime.batch_mesh(self.devices)  # an empty list is refused here, not at the first image
+        self._replicas: dict = {}    # (parameter tree name, mesh) -> (tree, its replicated copy)
 
     @classmethod
     def from_pretrained(cls, source, dtype=jnp.float32, *, revision: str | None = None,
-                        variant: str | None = None, allow_pickle: bool = False,
+                        variant: str | None = None, allow_pickle: bool = False, devices=None,
                         **overrides) -> "StableDiffusion":
         """Load a diffusers folder, a Hugging Face Hub id or an original single-file checkpoint.
 
@@ -125,10 +129,14 @@ class StableDiffusion:
         :param revision: Hub branch, tag or commit.
         :param variant: weight files variant, e.g. ``"fp16"``.
         :param allow_pickle: read ``.ckpt``/``.bin`` pickle files (can run arbitrary code).
+        :param devices: the devices each batch is split over (data parallel; default None: every
+            device of ``jax.devices()``, all hosts after ``jaxsd.runtime.initialize_distributed``);
+            ``[jax.devices()[0]]`` runs on one. Settable later as ``pipe.devices``.
         :param overrides: single-file architecture overrides (see ``jaxsd.checkpoints.single_file``).
         """
         return cls(sources.load(source, dtype, revision=revision, variant=variant,
-                                allow_pickle=allow_pickle, overrides=overrides or None), dtype)
+                                allow_pickle=allow_pickle, overrides=overrides or None), dtype,
+                   devices=devices)
 
     def with_lora(self, lora, scale: float | dict = 1.0) -> "StableDiffusion":
         """A new pipeline with a LoRA merged into the text encoder and the UNet; this one is unchanged.
@@ -161,6 +169,7 @@ class StableDiffusion:
         what = f"LoRA {lora}" if not isinstance(lora, list) else "the LoRA"
         deltas = lora_lib.lora_deltas(updates, tables, params, what=what)
         new = copy.copy(self)
+        new._replicas = {}
         new.unet_params = lora_lib.merge(self.unet_params, [deltas["unet"]], [scales["unet"]])
         new.text_params = lora_lib.merge(self.text_params, [deltas["text_encoder"]], [scales["text_encoder"]])
         recorded = float(scale) if not isinstance(scale, dict) else {k: float(v) for k, v in scales.items()}
@@ -200,6 +209,7 @@ class StableDiffusion:
             tokenizer.add_tokens(t)
         assert tokenizer.convert_tokens_to_ids(tokens) == list(range(V, V + len(tokens)))
         new = copy.copy(self)
+        new._replicas = {}
         new.tokenizer = tokenizer
         config = dataclasses.replace(self.text_encoder.config, vocab_size=V + len(tokens))
         new.text_encoder = type(self.text_encoder)(config, dtype=self.text_encoder.dtype)
@@ -285,9 +295,12 @@ class StableDiffusion:
         """float images in [-1, 1] -> scaled latents z ~ q(z|x), times scaling_factor."""
         return self._encode_image_jit(self.vae_params, jnp.asarray(pixels_BHWC, jnp.float32), key)
 
-    def decode(self, latents_BhwC) -> np.ndarray:
-        """Scaled latents -> uint8 images [B, H, W, 3] (warns on NaN)."""
-        return imgs.to_uint8(np.asarray(self._decode_jit(self.vae_params, jnp.asarray(latents_BhwC))))
+    def decode(self, latents_BhwC, mesh=None) -> np.ndarray:
+        """Scaled latents -> uint8 images [B, H, W, 3] (warns on NaN); with a device ``mesh``,
+        latents already split over it decode on every device at once."""
+        params = self.vae_params if mesh is None else self._replicated("vae_params", mesh)
+        latents = latents_BhwC if mesh is not None else jnp.asarray(latents_BhwC)
+        return imgs.to_uint8(runtime.to_host(self._decode_jit(params, latents)))
 
     # -----------------------------------------------------------------------------------------
     # The denoiser the sampler calls, and the loop
@@ -341,13 +354,28 @@ class StableDiffusion:
                 where = "a finite number" if math.isinf(high) else f"a number in [{low:g}, {high:g}]"
                 raise ValueError(f"{name}={value!r} must be {where}")
         sampling.check_eta(self.scheduler if scheduler is None else scheduler, eta)
-        key_from_seed(seed)
+        for one in (seed if isinstance(seed, (list, tuple)) else [seed]):
+            key_from_seed(one)
+        if isinstance(seed, (list, tuple)) and not seed:
+            raise ValueError("seed=[] has no seed; pass an integer, or one per image")
+
+    @staticmethod
+    def _seed_keys(seed, B: int, n: int) -> jax.Array:
+        """``n`` keys from one seed ([n]), or from a list of B per-image seeds ([n, B])."""
+        if not isinstance(seed, (list, tuple)):
+            return jax.random.split(key_from_seed(seed), n)
+        if len(seed) != B:
+            raise ValueError(f"seed has {len(seed)} entries for a batch of {B} images; pass one "
+                             "seed, or one per image")
+        return jnp.stack([jax.random.split(key_from_seed(s), n) for s in seed], axis=1)
 
     def _check_size(self, height, width):
         for name, value in (("height", height), ("width", width)):
             check_side(f"{name}=", value, self.vae_factor, self.latent_multiple)
 
     def _noise(self, latents, shape, key):
+        if latents is None and jnp.ndim(key) == 1:  # one key per image: as a batch of one draws it
+            return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(key)
         if latents is None:
             return jax.random.normal(key, shape, jnp.float32)
         latents = jnp.asarray(latents, jnp.float32)
@@ -360,16 +388,32 @@ class StableDiffusion:
 
     def _run(self, emb: PromptEmbeddings, noise, *, scheduler, karras, num_steps, guidance_scale,
              guidance_rescale, eta, key, output, progress, init_latents=None, first_step=0,
-             extra=None, after_step=None, after_step_args=(), schedule="default"):
+             extra=None, after_step=None, after_step_args=(), after_step_consts=(),
+             schedule="default"):
+        """Sample and decode. Every batch-first array (``emb``, ``noise``, ``init_latents``,
+        ``extra``, ``after_step_args``) is split over the pipeline's devices when it has
+        several; ``after_step_consts`` follow the batch arrays in after_step's arguments."""
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r}; choose one of {OUTPUTS}")
         name, schedule = self._sampler_and_schedule(scheduler, karras, schedule, num_steps)
+        B = noise.shape[0]
+        mesh = runtime.batch_mesh(self.devices, batch=B)
+        unet_params, scalars = self.unet_params, (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
+        if mesh is not None:  # data parallel: rows split over the devices, the rest replicated
+            size = runtime.padded_size(B, mesh)
+            shard = lambda x: None if x is None else runtime.shard_batch(x, mesh, size)
+            emb = PromptEmbeddings(shard(emb.cond), shard(emb.uncond))
+            noise, init_latents, extra = shard(noise), shard(init_latents), shard(extra)
+            after_step_args = tuple(shard(a) for a in after_step_args)
+            unet_params = self._replicated("unet_params", mesh)
+            key = shard(key) if jnp.ndim(key) == 1 else runtime.replicate(key, mesh)  # per image, or one
+            scalars, after_step_consts = runtime.replicate((scalars, after_step_consts), mesh)
         guided = emb.uncond is not None
         context = jnp.concatenate([emb.uncond, emb.cond]) if guided else emb.cond
         if extra is not None and guided:
             extra = jnp.concatenate([extra, extra])
         model_fn = self._model_fn(guided, guided and guidance_rescale > 0, extra is not None)
-        args = (self.unet_params, context, jnp.float32(guidance_scale), jnp.float32(guidance_rescale), extra)
+        args = (unet_params, context, *scalars, extra)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -379,15 +423,25 @@ class StableDiffusion:
             out = sampling.sample(model_fn, noise, sampler=name, num_steps=num_steps, schedule=schedule,
                                   key=key, model_args=args, eta=eta, init_latents=init_latents,
                                   first_step=first_step, return_trajectory=output == "trajectory",
-                                  progress=bar, after_step=after_step, after_step_args=after_step_args)
+                                  progress=bar, after_step=after_step,
+                                  after_step_args=(*after_step_args, *after_step_consts))
         finally:
             if bar is not None:
                 bar.close()
         if output == "trajectory":
-            return np.asarray(out.trajectory)
+            return runtime.to_host(out.trajectory)[:, :B]
         if output == "latents":
-            return np.asarray(out.latents)
-        return self.decode(out.latents)
+            return runtime.to_host(out.latents)[:B]
+        return self.decode(out.latents, mesh)[:B]
+
+    def _replicated(self, name: str, mesh):
+        """``self.<name>`` (a parameter tree) on every device of ``mesh``, copied once and kept
+        while the tree is the same object (with_lora and with_embedding make new trees)."""
+        tree = getattr(self, name)
+        kept = self._replicas.get((name, mesh))
+        if kept is None or kept[0] is not tree:
+            kept = self._replicas[(name, mesh)] = (tree, runtime.replicate(tree, mesh))
+        return kept[1]
 
     # -----------------------------------------------------------------------------------------
     # The three entry points
@@ -407,6 +461,9 @@ class StableDiffusion:
         :param karras, schedule: the step schedule; ``karras=True`` is ``schedule="karras"``, and
             ``schedule`` takes any name of ``sampling.schedule.SCHEDULE_NAMES`` ("ays",
             "sgm_uniform", "simple", ...; formulas in docs/samplers.md).
+        :param seed: an integer in [0, 2**64 - 1], or a list of one per image: then image b is
+            exactly the image a one-image call with ``seed[b]`` draws (its noise, its sampler
+            noise), whatever else is in the batch and however many devices share it.
         :param guidance_scale: w; classifier-free guidance runs when w > 1.
         :param height, width: in pixels; default ``self.default_size`` (the UNet's native size:
             512 for SD 1.x, 64 for the built-in tiny-shapes model).
@@ -420,8 +477,8 @@ class StableDiffusion:
         emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size,
                                  guidance=self._cfg(guidance_scale), clip_skip=clip_skip,
                                  prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
-        noise_key, sampler_key, _ = jax.random.split(key_from_seed(seed), 3)
         B, f = emb.cond.shape[0], self.vae_factor
+        noise_key, sampler_key, _ = self._seed_keys(seed, B, 3)
         noise = self._noise(latents, (B, height // f, width // f, self.vae.config.latent_channels), noise_key)
         return self._run(emb, noise, scheduler=scheduler, karras=karras, schedule=schedule, num_steps=num_steps,
                          guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
@@ -437,8 +494,17 @@ class StableDiffusion:
                                  guidance=self._cfg(kw["guidance_scale"]), clip_skip=kw.pop("clip_skip"),
                                  prompt_embeds=kw.pop("prompt_embeds"),
                                  negative_prompt_embeds=kw.pop("negative_prompt_embeds"))
-        keys = jax.random.split(key_from_seed(kw.pop("seed")), 4)  # noise, sampler, 2 x posterior
+        keys = self._seed_keys(kw.pop("seed"), emb.cond.shape[0], 4)  # noise, sampler, 2 x posterior
         return height, width, emb, keys
+
+    def _encode_images(self, pixels, key, B: int, what: str = "image"):
+        """The images' latents for a batch of B: encoded once and repeated (one key), or with one
+        key per image (a seed list), row b from image b mod n, as a one-image call would draw it."""
+        if jnp.ndim(key) == 0:
+            return self._tile(self.encode_image(pixels, key), B, what)
+        self._tile(pixels[:, :1, :1], B, what)  # the same n | B rule and message
+        n = pixels.shape[0]
+        return jnp.concatenate([self.encode_image(pixels[b % n][None], key[b]) for b in range(B)])
 
     def _tile(self, x, B: int, what: str):
         """Repeat a batch of n images to B (n must divide B), as diffusers duplicates them."""
@@ -473,6 +539,8 @@ class StableDiffusion:
         :param image: PIL image(s) or uint8 / [0, 1] float arrays; resized to height x width
             (default: its own size rounded down to a multiple of 8).
         :param latents: the unit Gaussian noise mixed into the image latents (default from seed).
+        :param seed: an integer, or one per image (then image b is what a one-image call with
+            ``seed[b]`` and image b mod n draws, the image's encoding included).
         """
         kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -482,7 +550,7 @@ class StableDiffusion:
         height, width, emb, keys = self._prepare(image, height, width, prompt, kw)
         B = emb.cond.shape[0]
         pixels = imgs.prepare_image(image, height, width)
-        image_latents = self._tile(self.encode_image(pixels, keys[2]), B, "image")
+        image_latents = self._encode_images(pixels, keys[2], B)
         noise = self._noise(latents, image_latents.shape, keys[0])
         return self._run(emb, noise, scheduler=scheduler, karras=karras, schedule=schedule, num_steps=num_steps,
                          guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
@@ -521,23 +589,24 @@ class StableDiffusion:
         nine = in_channels == 2 * C + 1
         image_latents = None
         if not nine or strength < 1:
-            image_latents = self._tile(self.encode_image(pixels, keys[2]), B, "image")
+            image_latents = self._encode_images(pixels, keys[2], B)
         noise = self._noise(latents, (B, height // f, width // f, C), keys[0])
         extra = after_step = None
         after_args = ()
         if nine:
             masked = pixels * (mask_px < 0.5)
-            masked_latents = self._tile(self.encode_image(masked, keys[3]), B, "image")
+            masked_latents = self._encode_images(masked, keys[3], B)
             extra = jnp.concatenate([mask_latents, masked_latents], axis=-1)   # [B, h, w, 1 + C]
         else:
             after_step = encoding.paste_known_region
-            after_args = (image_latents, mask_latents, noise, plan.noise_a, plan.noise_b)
+            after_args = (image_latents, mask_latents, noise)   # then the plan's noise_a, noise_b
         return self._run(emb, noise, scheduler=scheduler, karras=karras, schedule=schedule, num_steps=num_steps,
                          guidance_scale=guidance_scale, guidance_rescale=0.0, eta=eta, key=keys[1],
                          output=output, progress=progress,
                          init_latents=image_latents if strength < 1 else None,
                          first_step=first_step if strength < 1 else 0, extra=extra,
-                         after_step=after_step, after_step_args=after_args)
+                         after_step=after_step, after_step_args=after_args,
+                         after_step_consts=(plan.noise_a, plan.noise_b) if after_step else ())
 
     # -----------------------------------------------------------------------------------------
 

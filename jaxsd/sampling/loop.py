@@ -13,8 +13,11 @@ reuses the compiled program): the schedule's numbers, model_args, eta, key, firs
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import signal
+import threading
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -154,8 +157,15 @@ def check_eta(sampler: str, eta) -> None:
 
 
 def step_noise(key: jax.Array, i, shape) -> jax.Array:
-    """The Gaussian noise a stochastic sampler uses at evaluation i (float32)."""
-    return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+    """The Gaussian noise a stochastic sampler uses at evaluation i (float32).
+
+    ``key`` is one key for the whole batch, or one key per image ([B] keys, shape[0] == B): then
+    image b's noise depends on its own key only, and equals what a batch of one with that key
+    draws (JAX's counter-based generator numbers the values by their flat index)."""
+    if jnp.ndim(key) == 0:
+        return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+    one = lambda k: jax.random.normal(jax.random.fold_in(k, i), shape[1:], jnp.float32)
+    return jax.vmap(one)(key)
 
 
 def add_noise(plan: Plan, init_latents: jax.Array, noise: jax.Array, first_step) -> jax.Array:
@@ -200,7 +210,8 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     :param sampler: a name in `SAMPLERS`.
     :param num_steps: the number of inference steps N (evaluations: N, 2N - 1, N + 1 or N + 9).
     :param schedule: the checkpoint's `ScheduleConfig`.
-    :param key: PRNG key for the stochastic samplers (evaluation i uses `step_noise(key, i, ...)`).
+    :param key: PRNG key for the stochastic samplers (evaluation i uses `step_noise(key, i, ...)`),
+        or [B] keys, one per image.
     :param eta: DDIM's eta, or TCD's gamma (traced). Only 'ddim' and 'tcd' take one (diffusers
         passes eta only to a scheduler whose step takes it); a nonzero eta elsewhere is refused.
     :param init_latents: img2img: the encoded image latents; `first_step` evaluations are skipped.
@@ -247,52 +258,84 @@ def _sample_stepwise(progress, model_fn, model_args, latents, init_latents, arra
 
     Why not one scan with a host callback inside that ticks the bar: JAX never writes a program
     with host callbacks to its persistent compilation cache, so every process would compile
-    the whole loop again. Here both programs (the first state, one evaluation) are compiled
-    ahead of time while the bar says "compiling", and are cacheable. A step is one UNet call
+    the whole loop again. Here both programs (the first state, one evaluation) are cacheable,
+    and they compile while the bar says "compiling...". A step is one UNet call
     or two, so the host round trip per step costs nothing visible; Ctrl-C lands between steps.
     """
     if isinstance(latents, jax.core.Tracer):
         raise ValueError("progress= needs concrete arrays: a sample() with a progress bar cannot "
                          "run inside jax.jit (leave progress=None there)")
-    first = int(first_step)
+    with _ctrl_c_between_steps() as interrupted:
+        return _stepwise_loop(progress, model_fn, model_args, latents, init_latents, arrays, key,
+                              eta, int(first_step), return_trajectory, after_step_args, static,
+                              interrupted)
+
+
+def _stepwise_loop(progress, model_fn, model_args, latents, init_latents, arrays, key, eta, first,
+                   return_trajectory, after_step_args, static, interrupted) -> Sampled:
     E = arrays["timesteps"].shape[0]
     describe = getattr(progress, "set_postfix_str", None)
     if describe is not None:
         describe("compiling...")
-    init = _compiled(_initial_state_jit, (latents, init_latents, arrays, first),
-                     dict(sampler=static["sampler"]))
-    state = init(latents, init_latents, arrays, first)
-    step_args = (model_args, state, np.int32(first), arrays, key, eta, after_step_args)
-    step = _compiled(_evaluate_jit, step_args, dict(static, model_fn=model_fn))
+    state = _initial_state_jit(latents, init_latents, arrays, first, sampler=static["sampler"])
+    state = _split_like(state, latents)
+    static = dict(static, model_fn=model_fn)
+    step = functools.partial(_evaluate_jit, **static)
+    # Compile ahead of time (JAX keeps the program for the calls below), so that the bar shows
+    # the compilation as its own phase and its clock then times the steps only.
+    _evaluate_jit.lower(model_args, state, np.int32(first), arrays, key, eta, after_step_args,
+                        **static).compile()
+    if interrupted():
+        raise KeyboardInterrupt
     if describe is not None:
         describe("")
-    if hasattr(progress, "reset"):  # the bar's clock and rate start with the steps, not the compile
+    if hasattr(progress, "reset"):
         progress.reset(total=E)
     progress.update(first)  # img2img: the evaluations it skips
     trajectory = [state.x] * first
     for i in range(first, E):
         state = step(model_args, state, np.int32(i), arrays, key, eta, after_step_args)
         jax.block_until_ready(state.x)
+        if interrupted():
+            raise KeyboardInterrupt
         if return_trajectory:
             trajectory.append(state.x)
         progress.update(1)
     return Sampled(latents=state.x, trajectory=jnp.stack(trajectory) if return_trajectory else None)
 
 
-_EXECUTABLES: dict = {}  # (function, statics, argument types) -> compiled program, for _compiled
+@contextlib.contextmanager
+def _ctrl_c_between_steps():
+    """Ctrl-C during the step loop becomes a KeyboardInterrupt raised between two steps.
+
+    Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives; in a loop of
+    JAX calls that is often inside a finalizer or a callback, where Python prints "Exception
+    ignored" and carries on. So, while the loop runs (compilation included; main thread, Python's
+    own SIGINT handler in place), a handler only notes the signal, and the loop raises after the
+    compilation or the step it was on.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield lambda: False
+        return
+    noted = []
+    signal.signal(signal.SIGINT, lambda *_: noted.append(True))
+    try:
+        yield lambda: bool(noted)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _compiled(fn, args: tuple, static: dict):
-    """The jitted ``fn`` compiled ahead of time for these arguments' shapes, dtypes and
-    shardings (through JAX's persistent cache when it is on), kept in memory."""
-    leaves, tree = jax.tree_util.tree_flatten(args)
-    types = tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
-    cache_key = (fn, tree, types, tuple(sorted(static.items(), key=lambda kv: kv[0])))
-    if cache_key not in _EXECUTABLES:
-        if len(_EXECUTABLES) >= 64:
-            _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
-        _EXECUTABLES[cache_key] = fn.lower(*args, **static).compile()
-    return _EXECUTABLES[cache_key]
+def _split_like(state, latents):
+    """Data parallel (latents split over devices along the batch): the sampler's per-image state
+    (saved derivatives, previous outputs) split the same way. Its initial zeros come out of
+    `_initial_state_jit` whole on every device, its later values split, and a program compiled
+    for one placement refuses the other (the scan never sees the difference)."""
+    sharding = getattr(latents, "sharding", None)
+    if sharding is None or sharding.is_fully_replicated:
+        return state
+    per_image = lambda a: a.ndim == latents.ndim and a.shape[0] == latents.shape[0]
+    return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding) if per_image(a) else a, state)
 
 
 def _check_output(out_shape, x_shape, sampler, learned_variance):
