@@ -40,7 +40,8 @@ SCRIPT = textwrap.dedent("""
         mask = np.zeros((64, 64), np.float32); mask[16:48, 16:48] = 1
         return pipe.inpaint(image, mask, prompt, **common)
 
-    cases = [("txt2img", B, s, n) for s in ("euler", "euler_a") for B in (1, 2, 3, 8) for n in (8,)]
+    cases = [("txt2img", 1, "euler", 8), ("txt2img", 8, "euler", 8),   # 1, 2, 3, 8 images, both kinds
+             ("txt2img", 2, "euler_a", 8), ("txt2img", 3, "euler_a", 8)]
     cases += [("txt2img", 3, "euler_a", n) for n in (2, 4)]
     cases += [("img2img", 3, "dpmpp_2m", 8), ("inpaint", 3, "euler_a", 8)]
     cases += [("txt2img", 10, "euler_a", 8)]                    # 8 devices, padded to 16
@@ -115,7 +116,7 @@ def test_images_equal_the_one_device_run(report):
     samplers, img2img, 4-channel inpainting (its after-step paste), per-image seeds and the
     progress-bar loop: within 1/255 of the single-device images, same shape (padding dropped)."""
     assert report["devices"] == 8
-    assert len(report["diffs"]) == 16
+    assert len(report["diffs"]) == 12
     for case, (many, one, diff, spread) in report["diffs"].items():
         assert many == one, case
         assert diff <= 1, f"{case}: images differ by {diff}/255"

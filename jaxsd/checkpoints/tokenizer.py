@@ -37,7 +37,8 @@ def import_clip_tokenizer():
     transformers_logger = logging.getLogger("transformers")
     if _drop_torch_notice not in transformers_logger.filters:
         transformers_logger.addFilter(_drop_torch_notice)
-    from transformers import CLIPTokenizer
+    # the class's own module: half a second less than `from transformers import CLIPTokenizer`
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
     return CLIPTokenizer
 
 
