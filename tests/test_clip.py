@@ -105,6 +105,83 @@ def test_matches_transformers(tmp_path, name, pad_token):
         assert_close(h_ours, h_ref, what=f"hidden_states[{i}]")
 
 
+# SDXL's second encoder: OpenCLIP ViT-bigG as transformers' CLIPTextModelWithProjection (the real
+# size, 32 x 1280, is checked in TestSDXLEncoder). A projection narrower than the width, so that a
+# transposed projection cannot pass the shape check.
+WITH_PROJECTION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                       hidden_act="gelu", projection_dim=24, pad_token_id=1)
+
+
+def save_with_projection(folder, seed=0, **config):
+    config = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                         **{**WITH_PROJECTION, **config})
+    model = transformers.CLIPTextModelWithProjection(config).eval()
+    randomize_(model, seed)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("eos", [2, 49407])  # SDXL's configs say 2 (legacy pooling at argmax(ids))
+def test_with_projection_matches_transformers(tmp_path, eos):
+    reference = save_with_projection(tmp_path, bos_token_id=49406 if eos != 2 else 0, eos_token_id=eos)
+    ids = token_ids("!")  # tokenizer_2 of SDXL pads with "!" (id 0)
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(ids).long(), output_hidden_states=True)
+    model, params = jaxsd.load_clip_text(tmp_path)
+    assert model.config.with_projection and params["text_projection"]["kernel"].shape == (32, 24)
+    out = jax.jit(model.apply, static_argnames="output_hidden_states")(
+        {"params": params}, ids, output_hidden_states=True)
+    assert out.text_embeds.shape == (3, 24)
+    assert_close(out.text_embeds, ref.text_embeds.numpy(), what="text_embeds")
+    assert_close(out.last_hidden_state, ref.last_hidden_state.numpy(), what="last_hidden_state")
+    # SDXL conditions on the penultimate layer's output, without the final LayerNorm
+    assert_close(out.hidden_states[-2], ref.hidden_states[-2].numpy(), what="hidden_states[-2]")
+
+
+# SDXL's text_encoder_2/config.json (stabilityai/stable-diffusion-xl-base-1.0): OpenCLIP ViT-bigG/14.
+SDXL_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 hidden_act="gelu", projection_dim=1280, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def test_sdxl_bigg_at_its_real_config():
+    """The real bigG (694M parameters), converted in memory: hidden states, pooled, projected."""
+    from jaxsd.checkpoints.components import build_clip_text
+    config = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **SDXL_BIGG,
+                                         architectures=["CLIPTextModelWithProjection"])
+    reference = transformers.CLIPTextModelWithProjection(config).eval()
+    randomize_(reference, seed=3)
+    ids = token_ids("!")[:2]
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(ids).long(), output_hidden_states=True)
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    del reference
+    model, params = build_clip_text(config.to_dict(), state)
+    del state
+    out = jax.jit(model.apply, static_argnames="output_hidden_states")(
+        {"params": params}, ids, output_hidden_states=True)
+    assert len(out.hidden_states) == 33
+    assert_close(out.text_embeds, ref.text_embeds.numpy(), what="text_embeds")
+    assert_close(out.pooler_output, ref.last_hidden_state.numpy()[np.arange(2), ids.argmax(-1)],
+                 what="pooled")
+    for i in (1, 16, -2, -1):
+        assert_close(out.hidden_states[i], ref.hidden_states[i].numpy(), what=f"hidden_states[{i}]")
+
+
+def test_projection_key_written_beside_text_model(tmp_path):
+    from safetensors.numpy import load_file
+    from jaxsd.checkpoints import convert
+    save_with_projection(tmp_path)
+    _, params = jaxsd.load_clip_text(tmp_path)
+    state = convert.to_reference(params, convert.CLIP_TEXT)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert "text_projection.weight" in state and set(state) <= set(saved) | {"text_model." + k for k in saved}
+    np.testing.assert_array_equal(state["text_projection.weight"], saved["text_projection.weight"])
+    # a plain CLIPTextModel config (SD 1.x says projection_dim too) builds no projection
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["CLIPTextModel"]
+    assert not jaxsd.models.clip.CLIPTextConfig.from_dict(config).with_projection
+
+
 def test_bfloat16_close_to_float32(tmp_path):
     save_reference(tmp_path, "sd1")
     ids = token_ids()

@@ -27,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 from jaxsd.checkpoints.components import load_unet
 from jaxsd.checkpoints.convert import ConversionError
 from jaxsd.models.layers import blocked_attention
-from jaxsd.models.unet import SD15, SD21, UNet, UNetConfig
+from jaxsd.models.unet import SD15, SD21, SDXL_BASE, SDXL_REFINER, AddedCond, UNet, UNetConfig
 
 FLOAT32_TOLERANCE = 1e-4   # of the output scale
 BFLOAT16_TOLERANCE = 5e-2  # of the output scale
@@ -73,7 +73,26 @@ TINY_CONFIGS = {
                     norm_num_groups=16, cross_attention_dim=16, in_channels=9,
                     mid_block_type="UNetMidBlock2D", down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
+    # SDXL style: micro-conditioning (pooled text of width 20 + 6 ids x 8), level 0 without
+    # attention, per-level depth; a sinusoid with freq_shift 1 and no flip, so that an add_time_proj
+    # that ignored the config's flags would fail.
+    "sdxl": dict(block_out_channels=[32, 64, 64], layers_per_block=2, attention_head_dim=[2, 4, 8],
+                 norm_num_groups=8, cross_attention_dim=24, use_linear_projection=True,
+                 transformer_layers_per_block=[1, 2, 3], flip_sin_to_cos=False, freq_shift=1,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=20 + 6 * 8, addition_embed_type_num_heads=64,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    # The refiner's shape: 4 levels, attention only on the inner two, 5 ids (size, crop, score).
+    "refiner": dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, attention_head_dim=[2, 2, 4, 4],
+                    norm_num_groups=8, cross_attention_dim=20, use_linear_projection=True,
+                    transformer_layers_per_block=2, addition_embed_type="text_time",
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 5 * 8,
+                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
 }
+# Pooled width and number of ids of the configs with added conditioning.
+ADDED = {"sdxl": (20, 6), "refiner": (12, 5)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,12 +115,26 @@ def randomised_reference(config: dict, seed: int = 0) -> UNet2DConditionModel:
     return model
 
 
-def reference_output(model, sample_BHWC, timesteps, text) -> np.ndarray:
-    """diffusers' output, NHWC. ``timesteps``: a Python number or an array."""
+def reference_output(model, sample_BHWC, timesteps, text, added=None) -> np.ndarray:
+    """diffusers' output, NHWC. ``timesteps``: a Python number or an array; ``added``: an
+    AddedCond of NumPy arrays (SDXL's added_cond_kwargs)."""
     t = timesteps if isinstance(timesteps, (int, float)) else torch.from_numpy(np.asarray(timesteps))
+    kwargs = {}
+    if added is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(added.text_embeds),
+                                       "time_ids": torch.from_numpy(added.time_ids)}
     with torch.no_grad():
-        out = model(torch.from_numpy(sample_BHWC).permute(0, 3, 1, 2), t, torch.from_numpy(text)).sample
+        out = model(torch.from_numpy(sample_BHWC).permute(0, 3, 1, 2), t, torch.from_numpy(text), **kwargs).sample
     return out.permute(0, 2, 3, 1).numpy()
+
+
+def added_inputs(batch: int, pooled: int, ids: int, seed: int = 2) -> AddedCond:
+    """A pooled embedding and micro-conditioning numbers as SDXL's pipelines make them (sizes in
+    pixels, crops, an aesthetic score), different per sample."""
+    rng = np.random.default_rng(seed)
+    numbers = np.array([1024, 768, 0, 16, 1024, 1024, 6.0, 2.5], np.float32)
+    time_ids = np.stack([np.roll(numbers, b)[:ids] for b in range(batch)])
+    return AddedCond(rng.standard_normal((batch, pooled), dtype=np.float32), time_ids)
 
 
 def inputs(config: UNetConfig, batch: int, size: int, seed: int = 1):
@@ -147,10 +180,29 @@ def test_tiny_configs_match_diffusers(tiny, name):
     reference, model, params, apply = tiny(name)
     sample, text = inputs(model.config, batch=3, size=8)
     timesteps = np.array([0.0, 250.25, 999.75], np.float32)
-    expected = reference_output(reference, sample, timesteps, text)
-    ours = apply({"params": params}, sample, jnp.asarray(timesteps), text)
+    added = added_inputs(3, *ADDED[name]) if name in ADDED else None
+    expected = reference_output(reference, sample, timesteps, text, added)
+    ours = apply({"params": params}, sample, jnp.asarray(timesteps), text, None, added)
     assert ours.dtype == jnp.float32
     assert relative_error(ours, expected) <= FLOAT32_TOLERANCE
+    if added is not None:  # the conditioning matters: other sizes give another output
+        other = AddedCond(added.text_embeds, added.time_ids + 64)
+        assert relative_error(apply({"params": params}, sample, jnp.asarray(timesteps), text, None, other),
+                              expected) > 10 * FLOAT32_TOLERANCE
+
+
+def test_added_cond_errors_are_named(tiny):
+    _, model, params, _ = tiny("sdxl")
+    sample, text = inputs(model.config, batch=2, size=8)
+    with pytest.raises(ValueError, match=r"added_cond is required .*AddedCond\(text_embeds, time_ids\)"):
+        model.apply({"params": params}, sample, 1, text)
+    with pytest.raises(ValueError, match=r"time_ids \(2, 5\); expected \[2, P\] and \[2, N\] with P \+ N x 8 "
+                                         r"\(addition_time_embed_dim\) = 68"):
+        model.apply({"params": params}, sample, 1, text, None, added_inputs(2, 20, 5))
+    _, sd1, sd1_params, _ = tiny("sd1")
+    sample, text = inputs(sd1.config, batch=2, size=8)
+    with pytest.raises(ValueError, match="added_cond was given but this UNet has no addition_embed_type"):
+        sd1.apply({"params": sd1_params}, sample, 1, text, None, added_inputs(2, 20, 6))
 
 
 @pytest.mark.parametrize("timesteps", [
@@ -270,6 +322,78 @@ class TestSD21:
         assert relative_error(jax.jit(model.apply)({"params": params}, *args), expected) <= FLOAT32_TOLERANCE
 
 
+# The SDXL UNets (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, unet/config.json).
+SDXL_BASE_CONFIG_JSON = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": False,
+    "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "cross_attention_dim": 2048, "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 128,
+    "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+SDXL_REFINER_CONFIG_JSON = {
+    **SDXL_BASE_CONFIG_JSON, "attention_head_dim": [6, 12, 24, 24], "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280, "projection_class_embeddings_input_dim": 2560, "transformer_layers_per_block": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+
+@pytest.mark.parametrize("config_json, preset", [(SDXL_BASE_CONFIG_JSON, SDXL_BASE),
+                                                 (SDXL_REFINER_CONFIG_JSON, SDXL_REFINER)], ids=["base", "refiner"])
+def test_full_sdxl_parameters_equal_diffusers_state_dict(config_json, preset):
+    """At the real, full configs (2.6B and 2.3B parameters) with nothing allocated: jaxsd's
+    parameter tree (traced init) against diffusers' state dict (built on torch's meta device),
+    key by key through the conversion table, shapes through each row's layout."""
+    from jaxsd.checkpoints import convert
+    config = UNetConfig.from_diffusers(config_json)
+    assert config == preset
+    assert [c // h for c, h, a in zip(config.block_out_channels, config.heads, config.down_attention)
+            if a] == [64] * sum(config.down_attention)  # attention_head_dim counts heads (64 wide)
+    model = UNet(config)
+    shapes = convert.expected_shapes(model, *model.example_inputs())
+    with torch.device("meta"):
+        reference = UNet2DConditionModel.from_config(config_json)
+    compiled = convert.unet_table(config).compiled()
+    converted = {}
+    for key, tensor in reference.state_dict().items():
+        (path, layout, _), = convert._match(compiled, key, 0)
+        converted[path] = layout.to_ours(np.broadcast_to(np.float32(0), tuple(tensor.shape))).shape
+    assert converted == shapes
+    count = sum(int(np.prod(s)) for s in shapes.values())
+    assert count == sum(p.numel() for p in reference.parameters())
+    if preset is SDXL_BASE:
+        assert count == 2_567_463_684  # the base UNet's published parameter count
+
+
+@pytest.mark.slow
+def test_sdxl_unet_at_real_widths_matches_diffusers(tmp_path):
+    """SDXL's base UNet at its real widths, heads and 2048-wide text, with the transformer depth
+    cut from [1, 2, 10] to [1, 2, 2] so that both copies fit this machine; 16 x 16 latent."""
+    config_json = dict(SDXL_BASE_CONFIG_JSON, transformer_layers_per_block=[1, 2, 2])
+    reference = saved_reference(config_json, tmp_path)
+    config = UNetConfig.from_diffusers(config_json)
+    sample, text = inputs(config, batch=2, size=16)
+    added = added_inputs(2, 1280, 6)
+    timesteps = np.array([999, 261.5], np.float32)
+    expected = reference_output(reference, sample, timesteps, text, added)
+    del reference
+    model, params = load_unet(tmp_path)
+    ours = jax.jit(model.apply)({"params": params}, sample, timesteps, text, None, added)
+    assert relative_error(ours, expected) <= FLOAT32_TOLERANCE
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_blocked_attention_matches_jax(dtype):
     """The CPU attention path, with a query count that needs padding to whole blocks (300 = 256 + 44)."""
@@ -308,7 +432,7 @@ def test_bad_inputs_are_named(shape, text_shape, timesteps, message):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("addition_embed_type", "text_time"),
+    ("addition_embed_type", "image"),
     ("resnet_time_scale_shift", "scale_shift"),
     ("class_embed_type", "timestep"),
     ("conv_in_kernel", 7),

@@ -68,6 +68,9 @@ class Table:
     # Older reference names for the same parameters, still found in published checkpoints:
     # read by :func:`convert`, never written by :func:`to_reference` (which writes ``rows``).
     legacy_rows: tuple[tuple[str, str, Layout], ...] = ()
+    # Reference keys saved without ``prefix`` (CLIPTextModelWithProjection's text_projection
+    # sits beside text_model, not in it): to_reference writes them bare.
+    unprefixed: tuple[str, ...] = ()
     _compiled: list = field(default=None, init=False, repr=False, compare=False)
 
     def compiled(self, legacy: bool = True):
@@ -203,7 +206,8 @@ def to_reference(params: Mapping, table: Table) -> dict:
         if len(hits) != 1:
             raise ConversionError(f"parameter {path} is matched by {len(hits)} table rows, need 1")
         key, layout, _ = hits[0]
-        state[table.prefix + key] = np.ascontiguousarray(layout.to_reference(np.asarray(leaf)))
+        prefix = "" if key in table.unprefixed else table.prefix
+        state[prefix + key] = np.ascontiguousarray(layout.to_reference(np.asarray(leaf)))
     return state
 
 
@@ -289,7 +293,9 @@ CLIP_TEXT = Table(
                                  ("final_layer_norm", "final_norm"))
             for p, q in (("weight", "scale"), ("bias", "bias"))
         ),
+        ("text_projection.weight", "text_projection/kernel", LINEAR),  # WithProjection only
     ),
+    unprefixed=("text_projection.weight",),
     ignore=(("embeddings.position_ids",
              "a constant buffer arange(max_position_embeddings) that older transformers saved"),),
     prefix="text_model.",
@@ -344,6 +350,8 @@ def unet_table(config) -> Table:
         *_weight_rows("time_embedding.linear_2", "time_mlp/fc2", "linear"),
         *(_weight_rows("time_embedding.cond_proj", "time_mlp/cond_proj", "linear_no_bias")
           if config.time_cond_proj_dim is not None else ()),
+        *(row for i in (1, 2) for row in _weight_rows(f"add_embedding.linear_{i}", f"add_mlp/fc{i}", "linear")
+          if config.addition_embed_type == "text_time"),
         *_weight_rows("conv_norm_out", "norm_out", "norm"),
         *_weight_rows("conv_out", "conv_out", "conv"),
         *(row for l in range(L) for row in _weight_rows(

@@ -7,8 +7,11 @@ GPT-2-like: token + learned position embeddings, then pre-LayerNorm transformer 
 
     SD 1.x  CLIP ViT-L/14 text tower      12 layers, D = 768,  12 heads, quick_gelu
     SD 2.x  OpenCLIP ViT-H/14 text tower  23 layers, D = 1024, 16 heads, gelu
+    SDXL    CLIP ViT-L/14 (as SD 1.x) and OpenCLIP ViT-bigG/14: 32 layers, D = 1280, 20 heads,
+            gelu, with a projection of the pooled output (``text_projection``, no bias)
 
-Matches ``transformers.CLIPTextModel`` (checked in ``tests/test_clip.py``).
+Matches ``transformers.CLIPTextModel`` and ``CLIPTextModelWithProjection`` (checked in
+``tests/test_clip.py``).
 """
 from __future__ import annotations
 
@@ -44,11 +47,16 @@ class CLIPTextConfig:
     bos_token_id: int = 49406             # <|startoftext|>
     eos_token_id: int = 49407             # <|endoftext|>; 2 in legacy configs (see pooled output)
     pad_token_id: int = 1
+    # CLIPTextModelWithProjection (SDXL's second encoder): pooled [B, D] -> text_embeds [B, P].
+    # projection_dim alone says nothing (SD 1.x's CLIPTextModel config has 768 too): the
+    # config's "architectures" decides, in from_dict.
+    with_projection: bool = False
+    projection_dim: int = 768
 
     def __post_init__(self):
         where = "CLIP text config"
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "max_position_embeddings"):
+                     "max_position_embeddings", "projection_dim"):
             require_positive_int(where, name, getattr(self, name))
         require_positive_int(where, "num_hidden_layers", self.num_hidden_layers, at_most=MAX_DEPTH)
         require_finite(where, "layer_norm_eps", self.layer_norm_eps, positive=True)
@@ -68,14 +76,17 @@ class CLIPTextConfig:
         """From a transformers ``CLIPTextConfig`` ``config.json`` (unknown keys are bookkeeping)."""
         if "text_config" in config:  # a full CLIPModel config: take its text tower
             config = config["text_config"]
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        names = {f.name for f in dataclasses.fields(cls)} - {"with_projection"}
+        with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
+        return cls(**{k: v for k, v in config.items() if k in names}, with_projection=with_projection)
 
 
 class TextOutput(NamedTuple):
     last_hidden_state: jax.Array      # [B, T, D], after the final LayerNorm
     pooler_output: jax.Array          # [B, D], last_hidden_state at each prompt's EOS token
     hidden_states: tuple | None       # num_layers + 1 arrays [B, T, D]: embeddings, then each layer
+                                      # (the last one before the final LayerNorm)
+    text_embeds: jax.Array | None = None  # [B, P] the projected pooled output (with_projection)
 
 
 class SelfAttention(nn.Module):
@@ -154,4 +165,9 @@ class CLIPTextModel(nn.Module):
         else:
             eos_B = jnp.argmax(input_ids_BT == cfg.eos_token_id, axis=-1)
         pooled_BD = last_BTD[jnp.arange(B), eos_B]
-        return TextOutput(last_BTD, pooled_BD, tuple(hidden_states) if output_hidden_states else None)
+        embeds_BP = None
+        if cfg.with_projection:  # CLIPTextModelWithProjection: text_embeds = W pooled
+            embeds_BP = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
+                                 name="text_projection")(pooled_BD)
+        return TextOutput(last_BTD, pooled_BD, tuple(hidden_states) if output_hidden_states else None,
+                          embeds_BP)

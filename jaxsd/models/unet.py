@@ -15,6 +15,10 @@ al., 2020, with cross-attention to CLIP text embeddings). NHWC throughout:
         Upsample (not on level 0)
     GroupNorm -> SiLU -> conv_out                                   [B, h, w, out_channels]
 
+SDXL adds to temb an MLP of its pooled text and size/crop numbers (``AddedCond``, the config's
+``addition_embed_type="text_time"``), and has a first level without attention and deeper
+transformers per level (``transformer_depth`` [1, 2, 10]); docs/sdxl.md.
+
 Which levels have attention is a per-level flag of the config (SD: all but the lowest-resolution
 level), read from diffusers' block type names once, in :meth:`UNetConfig.from_diffusers`.
 See ``docs/unet.md`` for the walk-through, the head-dim trap and the dtype policy.
@@ -24,8 +28,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxsd.models.layers import (Downsample, Dtype, GroupNorm, ResnetBlock, Upsample, conv3x3, MAX_DEPTH,
@@ -60,6 +66,12 @@ class UNetConfig:
     freq_shift: float = 0.0                             # frequencies exp(-ln(10^4) k / (C0/2 - freq_shift))
     time_embedding_dim: int = 1280                      # 4 * C0 unless the config says otherwise
     time_cond_proj_dim: int | None = None               # LCM: width of the guidance-scale embedding
+    # SDXL's micro-conditioning (addition_embed_type "text_time"): a pooled text embedding [B, P]
+    # and N numbers (sizes, crop; the refiner: an aesthetic score) each through a sinusoid of
+    # width addition_time_embed_dim, concatenated (P + N * 256 = 2816 for the base) -> add_mlp.
+    addition_embed_type: str | None = None               # None or "text_time"
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int | None = None  # P + N * addition_time_embed_dim
 
     def __post_init__(self):
         where = "UNet config"
@@ -77,6 +89,13 @@ class UNetConfig:
             require_positive_int(where, name, getattr(self, name))
         if self.time_cond_proj_dim is not None:
             require_positive_int(where, "time_cond_proj_dim", self.time_cond_proj_dim)
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"{where}: addition_embed_type={self.addition_embed_type!r}; supported: "
+                             f"{' or '.join(repr(a) for a in ADDITION_EMBED_TYPES)}")
+        if self.addition_embed_type is not None:
+            require_positive_int(where, "addition_time_embed_dim", self.addition_time_embed_dim)
+            require_positive_int(where, "projection_class_embeddings_input_dim",
+                                 self.projection_class_embeddings_input_dim)
         require_finite(where, "norm_eps", self.norm_eps, positive=True)
         require_finite(where, "freq_shift", self.freq_shift)
         for name in ("mid_block", "mid_attention", "use_linear_projection", "upcast_attention", "flip_sin_to_cos"):
@@ -145,13 +164,16 @@ class UNetConfig:
             freq_shift=get("freq_shift", 0),
             time_embedding_dim=get("time_embedding_dim", 4 * channels[0]),
             time_cond_proj_dim=config.get("time_cond_proj_dim"),
+            addition_embed_type=config.get("addition_embed_type"),
+            addition_time_embed_dim=get("addition_time_embed_dim", 256),
+            projection_class_embeddings_input_dim=config.get("projection_class_embeddings_input_dim"),
         )
 
 
 # Fields of diffusers' UNet2DConditionModel that switch on something jaxsd does not implement:
 # name -> (the values we accept, what a different value would need).
 _UNSUPPORTED = {
-    "addition_embed_type": ((None,), "an added text/time embedding (SDXL, Kandinsky)"),
+    "addition_embed_type": ((None, "text_time"), "another added embedding (Kandinsky's text/image)"),
     "class_embed_type": ((None,), "class embeddings"),
     "num_class_embeds": ((None,), "class embeddings"),
     "encoder_hid_dim": ((None,), "a projection of the text embeddings"),
@@ -183,11 +205,12 @@ _BLOCK_TYPES = {"down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
 _READ = {"block_out_channels", "layers_per_block", "attention_head_dim", "transformer_layers_per_block",
          "cross_attention_dim", "use_linear_projection", "upcast_attention", "in_channels", "out_channels",
          "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift", "time_embedding_dim",
-         "time_cond_proj_dim"}
+         "time_cond_proj_dim", "addition_embed_type", "addition_time_embed_dim",
+         "projection_class_embeddings_input_dim"}
 _IRRELEVANT = {"sample_size", "dropout",  # the sample size is free; no dropout at inference
                # only used together with the class/added embeddings refused above:
-               "addition_embed_type_num_heads", "addition_time_embed_dim",
-               "projection_class_embeddings_input_dim", "class_embeddings_concat"}
+               "addition_embed_type_num_heads", "class_embeddings_concat"}
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 def _check_supported(config: dict) -> None:
@@ -213,7 +236,7 @@ def _check_supported(config: dict) -> None:
     depth = config.get("transformer_layers_per_block", 1)
     if isinstance(depth, (list, tuple)) and any(isinstance(d, (list, tuple)) for d in depth):
         raise NotImplementedError(f"UNet config field 'transformer_layers_per_block' = {depth!r} has "
-                                  f"per-ResNet lists (SDXL style); supported: an int or one int per level")
+                                  f"per-ResNet lists; supported: an int or one int per level")
 
 
 # The UNets of the released checkpoints, as parsed from their config.json.
@@ -221,6 +244,17 @@ SD15 = UNetConfig()  # runwayml / stable-diffusion-v1-5 (also SD 1.1-1.4)
 SD15_INPAINT = UNetConfig(in_channels=9)
 SD21 = UNetConfig(heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
                   upcast_attention=True)  # stabilityai/stable-diffusion-2-1 (head size 64)
+SDXL_BASE = UNetConfig(  # stabilityai/stable-diffusion-xl-base-1.0 (and sdxl-turbo): 2.6B parameters
+    block_out_channels=(320, 640, 1280), layers_per_block=(2, 2, 2), down_attention=(False, True, True),
+    up_attention=(False, True, True), heads=(5, 10, 20), transformer_depth=(1, 2, 10),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    projection_class_embeddings_input_dim=2816)  # 1280 pooled + 6 x 256
+SDXL_REFINER = UNetConfig(  # stabilityai/stable-diffusion-xl-refiner-1.0: 5 numbers, no text_encoder
+    block_out_channels=(384, 768, 1536, 1536), layers_per_block=(2, 2, 2, 2),
+    down_attention=(False, True, True, False), up_attention=(False, True, True, False),
+    heads=(6, 12, 24, 24), transformer_depth=(4, 4, 4, 4), cross_attention_dim=1280,
+    use_linear_projection=True, time_embedding_dim=1536, addition_embed_type="text_time",
+    projection_class_embeddings_input_dim=2560)  # 1280 pooled + 5 x 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,11 +305,41 @@ class TimeEmbedding(nn.Module):
         return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(emb)
 
 
+class AddedCond(NamedTuple):
+    """SDXL's extra conditioning (diffusers' ``added_cond_kwargs``), for ``addition_embed_type``
+    "text_time": the second text encoder's projected pooled output and the micro-conditioning
+    numbers (base: original height, width, crop top, left, target height, width; the refiner:
+    original size, crop, aesthetic score)."""
+    text_embeds: jax.Array   # [B, P]
+    time_ids: jax.Array      # [B, N]
+
+
+class AddedEmbedding(nn.Module):
+    """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2) as diffusers' ``get_aug_embed``:
+    each number through the time sinusoid (width 256, the UNet's flip/shift), flattened after the
+    pooled text, then an MLP. [B, P], [B, N] -> [B, dim], added to the time embedding."""
+    dim: int
+    sinusoid_dim: int
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, cond: AddedCond):
+        B, N = cond.time_ids.shape
+        ids_BNS = timestep_embedding(cond.time_ids.reshape(B * N), self.sinusoid_dim, self.flip_sin_to_cos,
+                                     self.freq_shift)
+        x = jnp.concatenate([cond.text_embeds.astype(jnp.float32), ids_BNS.reshape(B, N * self.sinusoid_dim)],
+                            axis=-1).astype(self.dtype)                        # [B, P + N * 256]
+        x = nn.silu(nn.Dense(self.dim, dtype=self.dtype, name="fc1")(x))
+        return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x)
+
+
 # ---------------------------------------------------------------------------------------------
 # The UNet
 
 class UNet(nn.Module):
-    """``UNet2DConditionModel`` for SD 1.x/2.x. See the module docstring for the data flow.
+    """``UNet2DConditionModel`` for SD 1.x/2.x and SDXL. See the module docstring for the data flow.
 
     :ivar config: the architecture (:class:`UNetConfig`).
     :ivar dtype: compute dtype (float32 or bfloat16); GroupNorm statistics stay in float32.
@@ -285,18 +349,22 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, sample_BHWC, timesteps, encoder_hidden_states_BSD, timestep_cond_BE=None):
+    def __call__(self, sample_BHWC, timesteps, encoder_hidden_states_BSD, timestep_cond_BE=None,
+                 added_cond: AddedCond | None = None):
         """sample [B, h, w, in_channels], timesteps [] or [B] (int or float), text [B, S, D],
-        and for an LCM UNet (``time_cond_proj_dim`` E) optionally the guidance-scale embedding
-        [B, E] (``guidance_scale_embedding``) -> model output [B, h, w, out_channels] (noise or v,
-        in ``dtype``)."""
+        for an LCM UNet (``time_cond_proj_dim`` E) optionally the guidance-scale embedding
+        [B, E] (``guidance_scale_embedding``), for SDXL (``addition_embed_type``) the
+        :class:`AddedCond` -> model output [B, h, w, out_channels] (noise or v, in ``dtype``)."""
         cfg, dtype = self.config, self.dtype
-        self._check_inputs(sample_BHWC, timesteps, encoder_hidden_states_BSD, timestep_cond_BE)
+        self._check_inputs(sample_BHWC, timesteps, encoder_hidden_states_BSD, timestep_cond_BE, added_cond)
         B = sample_BHWC.shape[0]
         text = encoder_hidden_states_BSD.astype(dtype)
         t_B = jnp.broadcast_to(jnp.asarray(timesteps), (B,))
         temb = TimeEmbedding(cfg.time_embedding_dim, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
                              cfg.freq_shift, dtype, name="time_mlp")(t_B, timestep_cond_BE)
+        if cfg.addition_embed_type == "text_time":  # SDXL: temb += MLP([pooled | sinusoids(ids)])
+            temb = temb + AddedEmbedding(cfg.time_embedding_dim, cfg.addition_time_embed_dim,
+                                         cfg.flip_sin_to_cos, cfg.freq_shift, dtype, name="add_mlp")(added_cond)
 
         def resnet(channels, name):
             return ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, dtype, name=name)
@@ -341,8 +409,22 @@ class UNet(nn.Module):
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype, name="norm_out")(x))
         return conv3x3(cfg.out_channels, dtype, "conv_out")(x)
 
-    def _check_inputs(self, sample, timesteps, text, cond=None):
+    def _check_inputs(self, sample, timesteps, text, cond=None, added=None):
         cfg = self.config
+        if (added is not None) != (cfg.addition_embed_type is not None):
+            raise ValueError("added_cond is required by this UNet (addition_embed_type='text_time', SDXL): "
+                             "pass AddedCond(text_embeds, time_ids)" if added is None else
+                             "added_cond was given but this UNet has no addition_embed_type")
+        if added is not None:
+            B, S = sample.shape[0], cfg.addition_time_embed_dim
+            P, N = jnp.shape(added.text_embeds)[-1], jnp.shape(added.time_ids)[-1]
+            if (jnp.ndim(added.text_embeds) != 2 or jnp.ndim(added.time_ids) != 2 or jnp.shape(added.text_embeds)[0] != B
+                    or jnp.shape(added.time_ids)[0] != B or P + N * S != cfg.projection_class_embeddings_input_dim):
+                raise ValueError(
+                    f"added_cond has text_embeds {tuple(jnp.shape(added.text_embeds))} and time_ids "
+                    f"{tuple(jnp.shape(added.time_ids))}; expected [{B}, P] and [{B}, N] with P + N x "
+                    f"{S} (addition_time_embed_dim) = {cfg.projection_class_embeddings_input_dim} "
+                    f"(projection_class_embeddings_input_dim)")
         if cond is not None and (cfg.time_cond_proj_dim is None or cond.shape != (sample.shape[0], cfg.time_cond_proj_dim)):
             want = ("none: this UNet has no time_cond_proj_dim" if cfg.time_cond_proj_dim is None
                     else f"[{sample.shape[0]}, {cfg.time_cond_proj_dim}] (batch, time_cond_proj_dim)")
@@ -365,12 +447,17 @@ class UNet(nn.Module):
                              f"(one per sample)")
 
     def example_inputs(self, batch: int = 1, size: int | None = None, sequence: int = 77):
-        """Dummy (sample, timesteps, text[, timestep_cond]) of the right shapes, for ``init`` and
-        shape checks (timestep_cond only for an LCM UNet, so that its cond_proj is created)."""
+        """Dummy (sample, timesteps, text[, timestep_cond][, added_cond]) of the right shapes, for
+        ``init`` and shape checks (timestep_cond only for an LCM UNet, added_cond only for SDXL's,
+        so that their layers are created)."""
         cfg = self.config
         size = size or 2 ** (cfg.levels - 1)
         inputs = (jnp.zeros((batch, size, size, cfg.in_channels), self.dtype), jnp.zeros((batch,), jnp.int32),
                   jnp.zeros((batch, sequence, cfg.cross_attention_dim), self.dtype))
         if cfg.time_cond_proj_dim is not None:
             inputs += (jnp.zeros((batch, cfg.time_cond_proj_dim), jnp.float32),)
+        if cfg.addition_embed_type is not None:  # any split of the width builds the same MLP
+            width = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+            inputs += (None,) * (cfg.time_cond_proj_dim is None) + (
+                AddedCond(jnp.zeros((batch, width), jnp.float32), jnp.zeros((batch, 1), jnp.float32)),)
         return inputs

@@ -55,6 +55,10 @@ def unet_config_json(cfg: UNetConfig, sample_size: int) -> dict:
         "time_embedding_dim": cfg.time_embedding_dim,
         "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1,
         "mid_block_scale_factor": 1, "dual_cross_attention": False, "only_cross_attention": False,
+        **({"addition_embed_type": cfg.addition_embed_type,
+            "addition_time_embed_dim": cfg.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim}
+           if cfg.addition_embed_type else {}),
     }
 
 
