@@ -25,6 +25,7 @@ One folder per concern; read them in this order:
         images.py         image and mask pre/post-processing (diffusers' VaeImageProcessor)
         encoding.py       prompts -> embeddings, pixels <-> scaled latents, the guided denoiser
         stable_diffusion.py   StableDiffusion: text_to_image, image_to_image, inpaint
+        stable_diffusion_xl.py  StableDiffusionXL: SDXL's conditioning on the same entry points
     adapters/      files that change a loaded model
         lora.py           LoRA files (PEFT, diffusers, kohya-ss) -> weight updates, merged purely
         embeddings.py     textual-inversion embeddings -> new tokens
@@ -51,6 +52,7 @@ from jaxsd.models.unet import UNet, UNetConfig
 from jaxsd.models.vae import AutoencoderKL, VAEConfig, image_to_latents, latents_to_image
 from jaxsd.pipelines.images import image_grid
 from jaxsd.pipelines.stable_diffusion import StableDiffusion
+from jaxsd.pipelines.stable_diffusion_xl import StableDiffusionXL
 from jaxsd.runtime import enable_compilation_cache
 from jaxsd.sampling import SAMPLERS, add_noise, first_step_for_strength, make_plan, sample
 from jaxsd.sampling.schedule import SD1_CONFIG, SD2_V_CONFIG, ScheduleConfig
@@ -62,5 +64,5 @@ __all__ = [
     "UNet", "UNetConfig", "load_unet",
     "ScheduleConfig", "SD1_CONFIG", "SD2_V_CONFIG", "SAMPLERS", "sample", "make_plan", "add_noise",
     "first_step_for_strength",
-    "StableDiffusion", "image_grid",
+    "StableDiffusion", "StableDiffusionXL", "image_grid",
 ]

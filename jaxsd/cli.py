@@ -153,7 +153,7 @@ def _read_prompts_file(args) -> list:
                               size=args.size)
 
 
-def _generate_many(args, pipe, jobs, *, sampler, karras, common, extra, tags, model_name) -> int:
+def _generate_many(args, pipe, jobs, *, sampler, karras, common, extra, tags, model_name, draw_text) -> int:
     """--prompts: each line's images with their fixed names; the ones already there are skipped."""
     import jax
     import numpy as np
@@ -187,9 +187,11 @@ def _generate_many(args, pipe, jobs, *, sampler, karras, common, extra, tags, mo
         for group in batch.calls(todo, _images_per_call(pipe), key=lambda w: size(w[0])):
             # one call per group of same-size images, each with its own prompt and seed
             width, height = size(group[0][0])
-            pictures = pipe.text_to_image([job.prompt for job, _ in group], height=height, width=width,
-                                          negative_prompt=[job.negative or "" for job, _ in group],
-                                          seed=[s for _, s in group], **common)
+            negatives = [job.negative for job, _ in group]
+            # no negative at all: None, which SDXL turns into zeros (force_zeros_for_empty_prompt)
+            negatives = None if all(n is None for n in negatives) else [n or "" for n in negatives]
+            pictures = draw_text([job.prompt for job, _ in group], height=height, width=width,
+                                 negative_prompt=negatives, seed=[s for _, s in group], **common)
             for (job, seed), picture in zip(group, pictures):
                 if writes:
                     pos = {"Batch size": args.batch, "Batch pos": seed - job.seed} if args.batch > 1 else {}
@@ -257,7 +259,7 @@ def check_generation_args(args) -> None:
     for flag, value in (("--steps", args.steps), ("--batch", args.batch)):
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
-    if not math.isfinite(args.guidance):
+    if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance {args.guidance}: must be a finite number (1 = no guidance)")
     if args.seed is not None and not -1 <= args.seed < 2**64:
         raise ValueError(f"--seed {args.seed}: must be in [0, 2**64 - 1], or -1 for a random seed")
@@ -277,6 +279,11 @@ def check_generation_args(args) -> None:
     if args.eta and args.scheduler is not None and args.scheduler not in ("ddim", "tcd"):
         raise ValueError(f"--eta {args.eta} is ddim's eta or tcd's gamma; pass --scheduler ddim or tcd "
                          f"(got --scheduler {args.scheduler})")
+    switch = getattr(args, "refiner_switch", None)
+    if switch is not None and getattr(args, "refiner", None) is None:
+        raise ValueError(f"--refiner-switch {switch} needs --refiner MODEL (the model that takes over)")
+    if switch is not None and not 0 < switch < 1:
+        raise ValueError(f"--refiner-switch {switch}: must be strictly between 0 and 1")
     strength = getattr(args, "strength", None)
     if strength is not None and not 0 < strength <= 1:
         raise ValueError(f"--strength {strength}: must be in (0, 1]")
@@ -347,6 +354,11 @@ def _generate(args) -> int:
         except ValueError as error:   # LoraError: the file does not fit this model
             raise ValueError(f"--lora {name}: {error}") from None
     seed = args.seed if args.seed not in (None, -1) else secrets.randbelow(2**31)
+    # the model family's defaults (SDXL: guidance 5.0, img2img strength 0.3), recorded as used
+    kind = {"generate": "text_to_image", "img2img": "image_to_image", "inpaint": "inpaint"}[args.command]
+    args.guidance = pipe._default(kind, "guidance_scale", args.guidance)
+    if kind != "text_to_image":
+        args.strength = pipe._default(kind, "strength", args.strength)
     sampler = args.scheduler or pipe.scheduler
     karras = args.karras or args.schedule == "karras"
     common = dict(negative_prompt=args.negative, num_steps=args.steps, guidance_scale=args.guidance,
@@ -354,10 +366,10 @@ def _generate(args) -> int:
     extra = {"Eta": args.eta} if args.eta else {}
     if args.schedule not in ("default", "karras"):
         extra["Schedule type"] = args.schedule
+    draw_text = _text_to_image(pipe, args, extra)
     if args.command == "generate":
         width, height = args.size or (pipe.default_size, pipe.default_size)
-        draw = lambda s: pipe.text_to_image(args.prompt, height=height, width=width, seed=s,
-                                            batch_size=len(s), **common)
+        draw = lambda s: draw_text(args.prompt, height=height, width=width, seed=s, batch_size=len(s), **common)
     else:
         image = _open_image(args.image)
         if args.size:
@@ -379,7 +391,7 @@ def _generate(args) -> int:
         extra["Lora hashes"] = '"' + ", ".join(f"{name}: {h}" for name, _, _, h in loras) + '"'
     if jobs is not None:
         return _generate_many(args, pipe, jobs, sampler=sampler, karras=karras, common=common,
-                              extra=extra, tags=tags, model_name=model_name)
+                              extra=extra, tags=tags, model_name=model_name, draw_text=draw_text)
     prompt = " ".join([args.prompt] + tags)
     per_call = _images_per_call(pipe)
     for start in range(0, args.batch, per_call):
@@ -395,6 +407,28 @@ def _generate(args) -> int:
                                    height=height, model=model_name, extra={**extra, **batch})
             print(f"wrote {save_png(picture, Path(args.out), seed + i, text)}")
     return 0
+
+
+def _text_to_image(pipe, args, extra):
+    """``pipe.text_to_image``, or with ``--refiner``: the base until ``--refiner-switch`` of the
+    denoising, then the refiner from the base's latents (SDXL's ensemble of experts, docs/sdxl.md)."""
+    if getattr(args, "refiner", None) is None:
+        return pipe.text_to_image
+    import jax.numpy as jnp
+    from jaxsd import StableDiffusion
+
+    refiner = StableDiffusion.from_pretrained(args.refiner, getattr(jnp, args.dtype))
+    if refiner.vae.config.latent_channels != pipe.vae.config.latent_channels:
+        raise ValueError(f"--refiner {args.refiner}: its latents have {refiner.vae.config.latent_channels} "
+                         f"channels, the model's {pipe.vae.config.latent_channels}")
+    switch = 0.8 if args.refiner_switch is None else args.refiner_switch
+    extra["Refiner"] = Path(str(args.refiner).rstrip("/")).name
+    extra["Refiner switch at"] = switch
+
+    def draw(prompt, **kw):
+        latents = pipe.text_to_image(prompt, denoising_end=switch, output="latents", **kw)
+        return refiner.image_to_image(image_latents=latents, prompt=prompt, denoising_start=switch, **kw)
+    return draw
 
 
 def _images_per_call(pipe) -> int:
@@ -559,7 +593,8 @@ def _add_generation_options(p, *, size_help: str, prompts_file: bool = False):
                    "single-file checkpoint, or the built-in tiny-shapes (the default)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
+                   "(default: the model's, 7.5; SDXL 5.0, SDXL inpainting 7.5)")
     p.add_argument("--scheduler", default=None, help="sampler, e.g. euler, dpmpp_2m, ddim "
                    "(default: the checkpoint's own)")
     p.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas (= --schedule karras)")
@@ -652,18 +687,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="text to image")
     _add_generation_options(gen, size_help="WIDTHxHEIGHT (default: the model's own size, "
-                            "512x512 for SD 1.x, 64x64 for tiny-shapes)", prompts_file=True)
+                            "512x512 for SD 1.x, 1024x1024 for SDXL, 64x64 for tiny-shapes)", prompts_file=True)
+    gen.add_argument("--refiner", metavar="MODEL", default=None, help="a second model (SDXL's refiner) "
+                     "that finishes the denoising from the first one's latents (docs/sdxl.md)")
+    gen.add_argument("--refiner-switch", type=float, default=None, help="with --refiner: the fraction of "
+                     "the denoising the first model does, in (0, 1) (default 0.8)")
 
     i2i = commands.add_parser("img2img", help="image + text to image")
     i2i.add_argument("image", help="the starting image")
     _add_generation_options(i2i, size_help="WIDTHxHEIGHT (default: the image's size, rounded down to 8)")
-    i2i.add_argument("--strength", type=float, default=0.8, help="how much to change, in (0, 1] (default 0.8)")
+    i2i.add_argument("--strength", type=float, default=None, help="how much to change, in (0, 1] "
+                     "(default 0.8; SDXL 0.3)")
 
     inp = commands.add_parser("inpaint", help="repaint the white part of a mask")
     inp.add_argument("image", help="the image")
     inp.add_argument("mask", help="the mask: white = repaint, black = keep")
     _add_generation_options(inp, size_help="WIDTHxHEIGHT (default: the image's size, rounded down to 8)")
-    inp.add_argument("--strength", type=float, default=1.0, help="in (0, 1] (default 1.0)")
+    inp.add_argument("--strength", type=float, default=None, help="in (0, 1] (default 1.0; SDXL 0.9999)")
 
     info = commands.add_parser("info", help="what a checkpoint is")
     info.add_argument("model", nargs="?", default="tiny-shapes", help="a diffusers folder, a Hub "
@@ -725,8 +765,9 @@ def main(argv: list[str] | None = None) -> int:
             from jaxsd import runtime
             runtime.enable_compilation_cache()  # a second run reads its programs back: seconds
         return args.run(args)
-    except (ValueError, OSError) as error:  # bad input or a checkpoint that cannot be read:
-        # the message says what to do; a traceback would only bury it.
+    except (ValueError, OSError, NotImplementedError) as error:  # bad input, a checkpoint that
+        # cannot be read, a feature jaxsd lacks: the message says what to do; a traceback would
+        # only bury it.
         print(f"jaxsd {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: sampling stops within a step; nothing is half-written

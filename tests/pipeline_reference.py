@@ -99,6 +99,92 @@ def save_checkpoint(folder, *, sd2: bool = False, inpainting: bool = False, seed
     return str(folder)
 
 
+SCHEDULER_XL = {  # stable-diffusion-xl-base-1.0's scheduler_config.json
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+    "use_karras_sigmas": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "clip_sample": False, "trained_betas": None,
+}
+XL_ADD_DIM = 8  # addition_time_embed_dim of the tiny SDXL UNets (256 in the real ones)
+
+
+def build_xl_components(*, refiner: bool = False, inpainting: bool = False, seed: int = 0):
+    """Random-weight tiny SDXL parts: {tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet,
+    vae}, the refiner without the first encoder. Encoder 1 is 32 wide, the bigG stand-in 40 wide
+    with a projection of 24 (not its width, so that a transposed projection fails); the UNet's
+    first level has no attention and the second two transformer layers, as SDXL's."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from jaxsd.checkpoints.tokenizer import BUILTIN_VOCABULARY
+
+    common = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=3, max_position_embeddings=77,
+                  bos_token_id=0, eos_token_id=2, pad_token_id=1)  # SDXL's configs: legacy eos 2
+    parts = {}
+    if not refiner:
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(BUILTIN_VOCABULARY)
+        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+            hidden_size=32, num_attention_heads=4, hidden_act="quick_gelu", projection_dim=32, **common))
+    parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(BUILTIN_VOCABULARY, pad_token="!")
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=40, num_attention_heads=4, hidden_act="gelu", projection_dim=24, **common))
+    ids = 5 if refiner else 6
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=8, in_channels=9 if inpainting else 4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, norm_num_groups=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        cross_attention_dim=40 if refiner else 72, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=XL_ADD_DIM,
+        projection_class_embeddings_input_dim=24 + ids * XL_ADD_DIM)
+    parts["vae"] = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.13025, force_upcast=True)
+    for i, name in enumerate(("text_encoder", "text_encoder_2", "unet", "vae")):
+        if name in parts:
+            _rerandomise(parts[name], seed * 10 + i)
+            parts[name].eval()
+    with torch.no_grad():  # a deterministic posterior; see the module docstring
+        parts["vae"].quant_conv.weight[4:] = 0.0
+        parts["vae"].quant_conv.bias[4:] = -30.0
+    return parts
+
+
+def save_xl_checkpoint(folder, *, refiner: bool = False, inpainting: bool = False, seed: int = 0) -> str:
+    """A random tiny SDXL base (or refiner) in diffusers' layout, saved by diffusers' own pipeline."""
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
+
+    parts = build_xl_components(refiner=refiner, inpainting=inpainting, seed=seed)
+    scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_XL)
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None, tokenizer=None, scheduler=scheduler, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False, add_watermarker=False, **parts)
+    else:
+        cls = StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline
+        pipe = cls(scheduler=scheduler, add_watermarker=False, **parts)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def reference_xl_pipeline(folder, kind: str = "text", sampler: str | None = None, karras: bool = False):
+    """diffusers' SDXL pipeline (kind: text, image, inpaint) from a saved folder."""
+    import diffusers
+
+    cls = {"text": diffusers.StableDiffusionXLPipeline, "image": diffusers.StableDiffusionXLImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[kind]
+    pipe = cls.from_pretrained(folder, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if sampler is not None:
+        name, extra = DIFFUSERS_SCHEDULERS[sampler]
+        if karras:
+            extra = dict(extra, use_karras_sigmas=True)
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+    return pipe
+
+
 def reference_pipeline(folder, kind: str = "text", sampler: str | None = None, karras: bool = False):
     """diffusers' pipeline (kind: text, image, inpaint) from a saved folder, with a jaxsd-named sampler."""
     import diffusers

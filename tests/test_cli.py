@@ -137,6 +137,8 @@ import pytest  # noqa: E402
     (["--schedule", "ays", "--steps", "20"], "--schedule ays is Align Your Steps' 10-step schedule; pass --steps 10"),
     (["--schedule", "simple", "--karras"], "--karras and --schedule simple ask for two schedules"),
     (["--eta", "0.3", "--scheduler", "euler"], "--eta 0.3 is ddim's eta or tcd's gamma; pass --scheduler ddim or tcd"),
+    (["--refiner-switch", "0.7"], "--refiner-switch 0.7 needs --refiner MODEL"),
+    (["--refiner", "x", "--refiner-switch", "1.0"], "--refiner-switch 1.0: must be strictly between 0 and 1"),
 ])
 def test_generate_mistakes_are_reported_before_the_model_loads(monkeypatch, tmp_path, capsys, extra, message):
     import jaxsd.cli

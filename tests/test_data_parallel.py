@@ -59,6 +59,17 @@ SCRIPT = textwrap.dedent("""
     report["diffs"]["progress bar, B=3 dpmpp_2m 8 devices"] = [
         list(many.shape), list(one.shape), int(np.abs(many.astype(int) - one).max()),
         float(np.asarray(one, float).std())]
+    # SDXL: the pooled text and size numbers are split with the text (a tiny random SDXL folder)
+    import sys
+    xl = jaxsd.StableDiffusion.from_pretrained(sys.argv[2])
+    def xl_run(n):
+        xl.devices = devices[:n]
+        return xl.text_to_image(["a red circle", "a blue square", "a cross"], negative_prompt="blurry",
+                                num_steps=4, seed=[1, 2, 3], original_size=(128, 96))
+    one, many = xl_run(1), xl_run(8)
+    report["diffs"]["SDXL B=3 euler 8 devices"] = [
+        list(many.shape), list(one.shape), int(np.abs(many.astype(int) - one).max()),
+        float(np.asarray(one, float).std())]
 
     # The latents are split: the sampling program's output, and its work per device.
     run(8, "txt2img", 8, "euler")
@@ -96,15 +107,17 @@ PROMPTS = "a red circle on blue\n{\"prompt\": \"a green cross\", \"seed\": 40}\n
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+    from pipeline_reference import save_xl_checkpoint
     folder = tmp_path_factory.mktemp("parallel")
     (folder / "prompts.txt").write_text(PROMPTS)
+    save_xl_checkpoint(folder / "sdxl", seed=2)
     return folder
 
 
 @pytest.fixture(scope="module")
 def report(folder):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(folder / "sdxl")], capture_output=True, text=True,
                          env=env, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1]
@@ -113,10 +126,10 @@ def report(folder):
 
 def test_images_equal_the_one_device_run(report):
     """1, 2, 3, 8 and 10 images on 8 devices (3 on 2 and 4), deterministic and stochastic
-    samplers, img2img, 4-channel inpainting (its after-step paste), per-image seeds and the
-    progress-bar loop: within 1/255 of the single-device images, same shape (padding dropped)."""
+    samplers, img2img, 4-channel inpainting (its after-step paste), per-image seeds, the
+    progress-bar loop and an SDXL batch (its pooled text and size numbers split too): within 1/255 of the single-device images, same shape (padding dropped)."""
     assert report["devices"] == 8
-    assert len(report["diffs"]) == 12
+    assert len(report["diffs"]) == 13
     for case, (many, one, diff, spread) in report["diffs"].items():
         assert many == one, case
         assert diff <= 1, f"{case}: images differ by {diff}/255"

@@ -270,7 +270,7 @@ def test_fuzzed_configs_are_refused_naming_the_file(folder_copy):
 NAN, INF = float("nan"), float("inf")
 BAD_ARGUMENTS = {
     "num_steps": (0, -1, True, 1.5, "3", 10**6, None),
-    "guidance_scale": (NAN, INF, -INF, "7.5", None, [7.5]),
+    "guidance_scale": (NAN, INF, -INF, "7.5", [7.5]),   # None: the model's default
     "guidance_rescale": (NAN, -0.1, 1.5, "0"),
     "eta": (NAN, 5.0, -1.0, "1"),
     "seed": (-1, 2**64, 1.5, True, "0", None),
@@ -280,6 +280,7 @@ BAD_ARGUMENTS = {
     "batch_size": (0, -1, 1.5, True, 3),
     "latents": (np.full((1, 16, 16, 4), np.nan, np.float32), np.zeros((1, 8, 8, 4), np.float32)),
     "scheduler": ("eulr", "", 3),
+    "denoising_end": (0, 1.0, -0.2, NAN, "0.5", True),
 }
 
 
@@ -360,7 +361,7 @@ def test_write_single_file_takes_jaxsds_own_per_level_configs(tmp_path):
     for ours, theirs in ((loaded.unet_params, folder.unet_params), (loaded.vae_params, folder.vae_params)):
         jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
-    bad = dict(configs, unet=dict(configs["unet"], transformer_layers_per_block=[1, 2, 1]))
+    bad = dict(configs, unet=dict(configs["unet"], layers_per_block=[1, 2, 1]))
     with pytest.raises(ValueError, match="one value for every level"):
         write_single_file(tmp_path / "bad.safetensors", state_dicts, bad, "sd1")
 
@@ -380,7 +381,7 @@ def _single_file_parts():
 
 def _unseen(configs):
     from jaxsd.checkpoints.ldm_arch import UNSEEN
-    return {f"{c}_config": {k: configs[c][k] for k in keys} for c, keys in UNSEEN.items()}
+    return {f"{c}_config": {k: configs[c][k] for k in keys} for c, keys in UNSEEN.items() if c in configs}
 
 
 def single_file_variants(tensors: dict, unseen: dict, seed: int = 0):

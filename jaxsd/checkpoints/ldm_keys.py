@@ -1,22 +1,25 @@
 """Key tables between original (CompVis / LDM) Stable Diffusion files and diffusers' component keys.
 
-An original SD 1.x/2.x ``.safetensors``/``.ckpt`` file holds all three networks in one flat
+An original SD 1.x/2.x/XL ``.safetensors``/``.ckpt`` file holds all its networks in one flat
 state dict, each under its own prefix:
 
-    model.diffusion_model.*               the UNet           (LDM ``UNetModel``)
+    model.diffusion_model.*               the UNet           (LDM ``UNetModel``, SDXL's sgm one)
     first_stage_model.*                   the VAE            (LDM ``AutoencoderKL``)
     cond_stage_model.transformer.text_model.*   SD 1.x text encoder (OpenAI CLIP, HF layout)
     cond_stage_model.model.*              SD 2.x text encoder (OpenCLIP ViT-H/14)
+    conditioner.embedders.{0,1}.*         SDXL's text encoders (``TEXT_TOWERS``)
 
 Rows are templates, as in :mod:`jaxsd.checkpoints.convert`: a ``{name}`` placeholder runs over a range of
 values and carries the same text to the other side. Unlike ``convert.py`` (reference -> jaxsd),
-both sides here are PyTorch layouts, so a tensor only changes shape in two places:
+both sides here are PyTorch layouts, so a tensor only changes shape in three places:
 
     COPY        unchanged
     CONV1X1     the LDM VAE's mid-block attention q/k/v/proj_out are 1x1 convs (O, I, 1, 1);
                 diffusers' Attention uses nn.Linear (O, I) (as diffusers' ``conv_attn_to_linear``)
     QKV         OpenCLIP fuses q, k, v into one ``in_proj_weight`` (3D, D) / ``in_proj_bias`` (3D,);
                 transformers' CLIP has separate q_proj/k_proj/v_proj (D, D) / (D,)
+    TRANSPOSE   OpenCLIP's ``text_projection`` is a matrix (width, embed_dim) used as ``x @ P``;
+                transformers' is an nn.Linear weight (embed_dim, width)
 
 A key map is ``{ldm key: (diffusers keys, transform)}``, built from a diffusers config, so it
 lists exactly the keys a file of that architecture must hold (diffusers' converters instead
@@ -37,6 +40,30 @@ CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 
+class TextTower(NamedTuple):
+    """One text encoder of an original file: where it sits and which layout it has."""
+    name: str                # for messages
+    prefix: str              # its keys' prefix in the file
+    open_clip: bool          # OpenCLIP's names (resblocks, fused q/k/v) rather than transformers' CLIP
+    with_projection: bool    # SDXL's OpenCLIP bigG: every layer and the text_projection kept, read as
+                             # a CLIPTextModelWithProjection. SD 2's OpenCLIP drops both (see below).
+
+
+# The text encoders of each family, under the component name diffusers gives them. SDXL's
+# sgm ``GeneralConditioner`` numbers its embedders: the base has CLIP ViT-L/14 (0) and OpenCLIP
+# bigG (1); the refiner only bigG (0).
+TEXT_TOWERS = {
+    "sd1": {"text_encoder": TextTower("CLIP ViT-L/14", CLIP_PREFIX, False, False)},
+    "sd2": {"text_encoder": TextTower("OpenCLIP ViT-H/14", OPEN_CLIP_PREFIX, True, False)},
+    "sdxl": {"text_encoder": TextTower("SDXL CLIP ViT-L/14", "conditioner.embedders.0.transformer.text_model.",
+                                       False, False),
+             "text_encoder_2": TextTower("SDXL OpenCLIP ViT-bigG/14", "conditioner.embedders.1.model.",
+                                         True, True)},
+    "sdxl_refiner": {"text_encoder_2": TextTower("SDXL refiner OpenCLIP ViT-bigG/14",
+                                                 "conditioner.embedders.0.model.", True, True)},
+}
+
+
 class Transform(NamedTuple):
     name: str
     to_diffusers: Callable[[np.ndarray], tuple]     # one LDM tensor -> the diffusers tensors
@@ -47,6 +74,7 @@ COPY = Transform("copy", lambda w: (w,), lambda ws: ws[0])
 CONV1X1 = Transform("conv1x1", lambda w: (w.reshape(w.shape[:2]),), lambda ws: ws[0][:, :, None, None])
 # in_proj_weight [3D, D] = [W_q; W_k; W_v] stacked along the output axis (torch.nn.MultiheadAttention).
 QKV = Transform("qkv", lambda w: tuple(np.split(w, 3, axis=0)), lambda ws: np.concatenate(ws, axis=0))
+TRANSPOSE = Transform("transpose", lambda w: (w.T,), lambda ws: ws[0].T)
 
 P = ("weight", "bias")
 
@@ -77,6 +105,12 @@ UNET_TOP = (
     ("input_blocks.0.0.{p}", "conv_in.{p}", COPY),
     ("out.0.{p}", "conv_norm_out.{p}", COPY),                     # out = GroupNorm, SiLU, Conv
     ("out.2.{p}", "conv_out.{p}", COPY),
+)
+# SDXL's micro-conditioning MLP (diffusers' addition_embed_type "text_time"):
+# label_emb = Sequential(Sequential(Linear, SiLU, Linear)).
+UNET_ADDED = (
+    ("label_emb.0.0.{p}", "add_embedding.linear_1.{p}", COPY),
+    ("label_emb.0.2.{p}", "add_embedding.linear_2.{p}", COPY),
 )
 # LDM ResBlock: in_layers = (GroupNorm, SiLU, Conv), emb_layers = (SiLU, Linear),
 # out_layers = (GroupNorm, SiLU, Dropout, Conv).
@@ -120,6 +154,9 @@ UNET_CONV = (("{p}", "{p}", COPY),)
 #   output_blocks.9-11 .0/.1             up_blocks.3 (no upsampler)
 #
 # up_blocks.u works at the resolution of level L - 1 - u (diffusers counts up blocks from the bottom).
+# SDXL (L = 3, attention at levels 1-2 with 2 and 10 transformer blocks) numbers the same way;
+# only the transformer_blocks.{t} range changes per level: transformer_layers_per_block[level],
+# and the mid block takes the last level's value, as diffusers' UNet does.
 
 
 def _one_int(config: dict, name: str, default: int) -> int:
@@ -135,17 +172,20 @@ def _one_int(config: dict, name: str, default: int) -> int:
 
 
 def unet_key_map(config: dict) -> dict:
-    """``{ldm key: (diffusers keys, transform)}`` for a ``UNet2DConditionModel`` config (SD 1.x/2.x)."""
+    """``{ldm key: (diffusers keys, transform)}`` for a ``UNet2DConditionModel`` config (SD 1.x/2.x/XL)."""
     chans = list(config["block_out_channels"])
     L = len(chans)
     R = _one_int(config, "layers_per_block", 2)
     down_attn = [t.startswith("CrossAttn") for t in config["down_block_types"]]
     up_attn = [t.startswith("CrossAttn") for t in config["up_block_types"]]
-    depth = _one_int(config, "transformer_layers_per_block", 1)
-    ranges = dict(t=range(depth), n=(1, 2, 3), a=(1, 2))
+    depth = config.get("transformer_layers_per_block", 1)
+    depth = [depth] * L if isinstance(depth, int) else list(depth)     # per level
     keys = expand(UNET_TOP, UNET_PREFIX, "")
+    if config.get("addition_embed_type") == "text_time":
+        keys.update(expand(UNET_ADDED, UNET_PREFIX, ""))
 
-    def block(rows, ldm, diffusers):
+    def block(rows, ldm, diffusers, level=None):
+        ranges = dict(t=range(depth[level]), n=(1, 2, 3), a=(1, 2)) if level is not None else {}
         keys.update(expand(rows, f"{UNET_PREFIX}{ldm}.", f"{diffusers}.", **ranges))
 
     def resnet(ldm, diffusers, c_in, c_out):
@@ -160,12 +200,12 @@ def unet_key_map(config: dict) -> dict:
             c = chans[i]
             skips.append(c)
             if down_attn[i]:
-                block(UNET_TRANSFORMER, f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}")
+                block(UNET_TRANSFORMER, f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}", i)
         if i < L - 1:
             block(UNET_CONV, f"input_blocks.{1 + i * (R + 1) + R}.0.op", f"down_blocks.{i}.downsamplers.0.conv")
             skips.append(c)
     resnet("middle_block.0", "mid_block.resnets.0", c, c)
-    block(UNET_TRANSFORMER, "middle_block.1", "mid_block.attentions.0")
+    block(UNET_TRANSFORMER, "middle_block.1", "mid_block.attentions.0", L - 1)
     resnet("middle_block.2", "mid_block.resnets.1", c, c)
     for u, level in enumerate(reversed(range(L))):
         for j in range(R + 1):
@@ -173,7 +213,7 @@ def unet_key_map(config: dict) -> dict:
             resnet(f"output_blocks.{n}.0", f"up_blocks.{u}.resnets.{j}", c + skips.pop(), chans[level])
             c = chans[level]
             if up_attn[u]:
-                block(UNET_TRANSFORMER, f"output_blocks.{n}.1", f"up_blocks.{u}.attentions.{j}")
+                block(UNET_TRANSFORMER, f"output_blocks.{n}.1", f"up_blocks.{u}.attentions.{j}", level)
         if u < L - 1:
             item = 2 if up_attn[u] else 1
             block(UNET_CONV, f"output_blocks.{u * (R + 1) + R}.{item}.conv", f"up_blocks.{u}.upsamplers.0.conv")
@@ -243,8 +283,10 @@ def vae_key_map(config: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Text encoders -> transformers ``CLIPTextModel``, in the transformers-5 key form (no
-# ``text_model.`` prefix; jaxsd's CLIP table accepts both forms).
+# Text encoders -> transformers ``CLIPTextModel`` in the transformers-5 key form (no
+# ``text_model.`` prefix; jaxsd's CLIP table accepts both forms), or SDXL's second encoder as a
+# ``CLIPTextModelWithProjection`` (which transformers 5 still saves as ``text_model.*`` plus
+# ``text_projection.weight``).
 
 CLIP_ROWS = tuple((k, k, COPY) for k in (
     "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
@@ -269,13 +311,18 @@ OPEN_CLIP_ROWS = (
 )
 
 
-def text_key_map(config: dict, open_clip: bool) -> dict:
-    """``{ldm key: (diffusers keys, transform)}`` for a ``CLIPTextModel`` config.
+def text_key_map(config: dict, tower: TextTower) -> dict:
+    """``{ldm key: (diffusers keys, transform)}`` for a ``CLIPTextModel(WithProjection)`` config.
 
-    For OpenCLIP (SD 2.x) only the first ``num_hidden_layers`` resblocks map: SD 2 conditions on
+    For SD 2's OpenCLIP only the first ``num_hidden_layers`` resblocks map: SD 2 conditions on
     the penultimate layer's output, so diffusers' text encoder has 23 of OpenCLIP's 24 layers.
+    SDXL's bigG keeps all its layers (diffusers' pipeline takes the penultimate hidden states
+    itself, and the pooled output needs the last layer) and its projection.
     """
     layers = range(config["num_hidden_layers"])
-    if open_clip:
-        return expand(OPEN_CLIP_ROWS, OPEN_CLIP_PREFIX, "", i=layers)
-    return expand(CLIP_ROWS, CLIP_PREFIX, "", i=layers)
+    if not tower.open_clip:
+        return expand(CLIP_ROWS, tower.prefix, "", i=layers)
+    if not tower.with_projection:
+        return expand(OPEN_CLIP_ROWS, tower.prefix, "", i=layers)
+    return {**expand(OPEN_CLIP_ROWS, tower.prefix, "text_model.", i=layers),
+            tower.prefix + "text_projection": (("text_projection.weight",), TRANSPOSE)}

@@ -1,7 +1,7 @@
-"""Original single-file Stable Diffusion checkpoints (SD 1.x/2.x, CompVis layout) <-> diffusers components.
+"""Original single-file Stable Diffusion checkpoints (SD 1.x/2.x/XL, CompVis layout) <-> diffusers components.
 
 ``read_single_file`` splits one ``.safetensors`` (or, opted in, ``.ckpt``) file into the UNet,
-VAE and text encoder state dicts under diffusers' and transformers' own key names, infers each
+VAE and text encoder(s) state dicts under diffusers' and transformers' own key names, infers each
 component's ``config.json`` from the tensors, and refuses a file with keys it does not know.
 ``write_single_file`` goes the other way. The key tables are in ``ldm_keys.py``, the
 architecture inference in ``ldm_arch.py``; the rules and what they follow in diffusers are in
@@ -23,8 +23,7 @@ import numpy as np
 from jaxsd.checkpoints.convert import _template_regex
 from jaxsd.checkpoints.files import _DTYPES, SafetensorsFile, SingleFileError, is_floating
 from jaxsd.checkpoints.ldm_arch import BETA_END, BETA_START, Arch, infer_arch
-from jaxsd.checkpoints.ldm_keys import (CLIP_PREFIX, OPEN_CLIP_PREFIX, text_key_map, unet_key_map,
-                                        vae_key_map)
+from jaxsd.checkpoints.ldm_keys import OPEN_CLIP_PREFIX, TEXT_TOWERS, text_key_map, unet_key_map, vae_key_map
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +39,27 @@ IGNORED = (
                    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")),
     ("first_stage_model.loss.*", "the VAE's training loss (LPIPS and discriminator), saved by "
                                  "some VAE fine-tunes"),
-    (CLIP_PREFIX + "embeddings.position_ids", "a constant buffer arange(77) that older transformers saved"),
-    (OPEN_CLIP_PREFIX + "text_projection", "projects the pooled text embedding for CLIP's "
-                                           "contrastive loss; SD uses the per-token states"),
-    (OPEN_CLIP_PREFIX + "logit_scale", "CLIP's contrastive temperature, unused by SD"),
-    (OPEN_CLIP_PREFIX + "attn_mask", "OpenCLIP's causal mask buffer, rebuilt at run time"),
-    (OPEN_CLIP_PREFIX + "visual.*", "OpenCLIP's image tower (LDM deletes it; some merges keep it)"),
+    ("denoiser.sigmas", "SDXL (sgm) DiscreteDenoiser's noise levels; the scheduler recomputes them"),
 )
+# ... and in each text encoder, after its prefix (ldm_keys.TEXT_TOWERS).
+CLIP_IGNORED = (("embeddings.position_ids", "a constant buffer arange(77) that older transformers saved"),)
+OPEN_CLIP_IGNORED = (
+    ("logit_scale", "CLIP's contrastive temperature, unused by SD"),
+    ("attn_mask", "OpenCLIP's causal mask buffer, rebuilt at run time"),
+    ("visual.*", "OpenCLIP's image tower (LDM deletes it; some merges keep it)"),
+)
+# SD 2 only (SDXL's bigG keeps and converts both).
+SD2_TEXT_PROJECTION_REASON = ("projects the pooled text embedding for CLIP's contrastive loss; SD 2 "
+                              "uses the per-token states")
 LAST_RESBLOCK_REASON = ("OpenCLIP's last layer: SD 2 conditions on the penultimate layer's output "
                         "(LDM FrozenOpenCLIPEmbedder layer='penultimate'), so diffusers' text "
                         "encoder stops one layer earlier and drops this one")
 
 class SingleFileCheckpoint(NamedTuple):
-    state_dicts: dict   # "unet" | "vae" | "text_encoder" -> lazy {diffusers key: np.ndarray}
-    configs: dict       # "unet" | "vae" | "text_encoder" | "scheduler" -> config.json contents
+    # "unet" | "vae" | "text_encoder" | "text_encoder_2" (SDXL; the refiner has only this one)
+    # -> lazy {diffusers key: np.ndarray}
+    state_dicts: dict
+    configs: dict       # the same components and "scheduler" -> config.json contents
     arch: Arch
 
 
@@ -130,14 +136,17 @@ def _check_schedule(source: Mapping, scheduler: dict, path):
 def key_maps(configs: dict, family: str) -> dict:
     """``component -> {ldm key: (diffusers keys, transform)}`` for these configs."""
     return {"unet": unet_key_map(configs["unet"]), "vae": vae_key_map(configs["vae"]),
-            "text_encoder": text_key_map(configs["text_encoder"], open_clip=family == "sd2")}
+            **{name: text_key_map(configs[name], tower) for name, tower in TEXT_TOWERS[family].items()}}
 
 
 def _ignored(configs: dict, family: str) -> list[tuple[re.Pattern, str]]:
     rules = list(IGNORED)
-    if family == "sd2":
-        last = configs["text_encoder"]["num_hidden_layers"]
-        rules.append((f"{OPEN_CLIP_PREFIX}transformer.resblocks.{last}.*", LAST_RESBLOCK_REASON))
+    for name, tower in TEXT_TOWERS[family].items():
+        rules += [(tower.prefix + t, why) for t, why in (OPEN_CLIP_IGNORED if tower.open_clip else CLIP_IGNORED)]
+        if tower.open_clip and not tower.with_projection:   # SD 2
+            last = configs[name]["num_hidden_layers"]
+            rules += [(tower.prefix + "text_projection", SD2_TEXT_PROJECTION_REASON),
+                      (f"{tower.prefix}transformer.resblocks.{last}.*", LAST_RESBLOCK_REASON)]
     return [(re.compile("^" + re.escape(t[:-1])) if t.endswith("*") else _template_regex(t, "."), why)
             for t, why in rules]
 
@@ -145,9 +154,9 @@ def _ignored(configs: dict, family: str) -> list[tuple[re.Pattern, str]]:
 def read_single_file(path: str | os.PathLike, *, allow_pickle: bool = False, dtype=None,
                      prediction_type: str | None = None, upcast_attention: bool | None = None,
                      image_size: int | None = None, unet_config: dict | None = None,
-                     vae_config: dict | None = None,
-                     text_encoder_config: dict | None = None) -> SingleFileCheckpoint:
-    """An original SD 1.x/2.x single-file checkpoint as diffusers components.
+                     vae_config: dict | None = None, text_encoder_config: dict | None = None,
+                     text_encoder_2_config: dict | None = None) -> SingleFileCheckpoint:
+    """An original SD 1.x/2.x/XL single-file checkpoint as diffusers components.
 
     :param path: a ``.safetensors`` file (or ``.ckpt`` with ``allow_pickle``).
     :param allow_pickle: read pickle files through ``torch.load(weights_only=True)``.
@@ -156,10 +165,11 @@ def read_single_file(path: str | os.PathLike, *, allow_pickle: bool = False, dty
         files are v_prediction unless saved at SD 2.0-base's global step, as in diffusers).
     :param upcast_attention: None infers it (True for SD 2 text-to-image, as SD 2.1's config).
     :param image_size: the default resolution; None takes diffusers' (512, or 768 for SD 2).
-    :param unet_config, vae_config, text_encoder_config: config fields the tensors cannot show
-        (``ldm_arch.UNSEEN``: head counts, GroupNorm groups), merged into the inferred configs.
-        Known for the released SD 1.x/2.x architectures; required for any other, and a missing
-        one is a ``SingleFileError`` naming it. A value that contradicts the tensors is refused.
+    :param unet_config, vae_config, text_encoder_config, text_encoder_2_config: config fields the
+        tensors cannot show (``ldm_arch.UNSEEN``: head counts, GroupNorm groups), merged into the
+        inferred configs. Known for the released SD 1.x/2.x/XL architectures; required for any
+        other, and a missing one is a ``SingleFileError`` naming it. A value that contradicts the
+        tensors is refused. ``text_encoder_2_config`` is SDXL's second (OpenCLIP bigG) encoder.
     """
     path = Path(path)
     source, global_step = _open(path, allow_pickle)
@@ -168,18 +178,21 @@ def read_single_file(path: str | os.PathLike, *, allow_pickle: bool = False, dty
     arch, configs = infer_arch(shapes, global_step, prediction_type=prediction_type,
                                upcast_attention=upcast_attention, image_size=image_size,
                                unet_config=unet_config, vae_config=vae_config,
-                               text_encoder_config=text_encoder_config, path=path)
+                               text_encoder_config=text_encoder_config,
+                               text_encoder_2_config=text_encoder_2_config, path=path)
     maps = key_maps(configs, arch.family)
     expected = {k for m in maps.values() for k in m}
     ignored = _ignored(configs, arch.family)
     unexpected = sorted(k for k in shapes if k not in expected and not any(r.match(k) for r, _ in ignored))
     missing = sorted(expected - set(shapes))
     if unexpected or missing:
+        texts = "".join(f", {name.replace('_', ' ')} {c['num_hidden_layers']} layers"
+                        for name, c in configs.items() if name.startswith("text_encoder"))
         lines = [f"{path}: the keys do not fit the inferred {arch.model_type} architecture "
-                 f"(unet {configs['unet']['block_out_channels']} x {configs['unet']['layers_per_block']}, "
-                 f"text encoder {configs['text_encoder']['num_hidden_layers']} layers)"]
-        for title, keys in (("missing", missing), ("unknown (neither converted nor on the ignore list "
-                                                   "of jaxsd.checkpoints.single_file.IGNORED)", unexpected)):
+                 f"(unet {configs['unet']['block_out_channels']} x {configs['unet']['layers_per_block']}{texts})"]
+        for title, keys in (("missing", missing), ("unknown (neither converted nor on the ignore lists "
+                                                   "IGNORED, CLIP_IGNORED, OPEN_CLIP_IGNORED of "
+                                                   "jaxsd.checkpoints.single_file)", unexpected)):
             if keys:
                 lines.append(f"{len(keys)} {title}:\n  " + "\n  ".join(keys))
         raise SingleFileError("\n".join(lines))
@@ -193,9 +206,10 @@ def to_single_file_state_dict(state_dicts: Mapping, configs: Mapping, family: st
 
     For SD 2 the file gets OpenCLIP's full layout: a last resblock and a ``text_projection``
     that the diffusers text encoder does not have, written as zeros (SD never runs them).
+    SDXL's second text encoder is a ``CLIPTextModelWithProjection`` state dict (``text_model.*``).
     """
-    if family not in ("sd1", "sd2"):
-        raise ValueError(f"family={family!r}; choose 'sd1' or 'sd2'")
+    if family not in TEXT_TOWERS:
+        raise ValueError(f"family={family!r}; choose one of {list(TEXT_TOWERS)}")
     out = {}
     for name, key_map in key_maps(configs, family).items():
         sd = state_dicts[name]
@@ -247,9 +261,10 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
 def write_single_file(path: str | os.PathLike, state_dicts: Mapping, configs: Mapping, family: str):
     """Write diffusers components as an original (CompVis-layout) single ``.safetensors`` file.
 
-    :param state_dicts: "unet", "vae", "text_encoder" -> {diffusers key: NumPy array}.
+    :param state_dicts: "unet", "vae", "text_encoder" and/or "text_encoder_2" -> {diffusers key: NumPy array}.
     :param configs: the same components' configs (``model.config``; the text encoder's
         ``config.to_dict()``); only their structural fields are read.
-    :param family: "sd1" (CLIP text encoder layout) or "sd2" (OpenCLIP layout).
+    :param family: which text encoders, in which layout (``ldm_keys.TEXT_TOWERS``): "sd1" (CLIP),
+        "sd2" (OpenCLIP), "sdxl" (CLIP and OpenCLIP bigG), "sdxl_refiner" (OpenCLIP bigG).
     """
     save_safetensors(path, to_single_file_state_dict(state_dicts, configs, family))

@@ -49,6 +49,9 @@ class VAEConfig:
     use_quant_conv: bool = True           # 1x1 conv on the encoder's moments
     use_post_quant_conv: bool = True      # 1x1 conv on the latents before decoding
     mid_block_add_attention: bool = True  # self-attention between the two mid-block ResNets
+    # Run in float32 when the pipeline runs in float16 (SDXL's VAE overflows float16); read by
+    # the SDXL pipelines only, as in diffusers. No effect on the network itself.
+    force_upcast: bool = True
 
     def __post_init__(self):
         if isinstance(self.block_out_channels, list):
@@ -61,6 +64,8 @@ class VAEConfig:
         require_finite(where, "scaling_factor", self.scaling_factor, positive=True)
         if self.shift_factor is not None:
             require_finite(where, "shift_factor", self.shift_factor)
+        if not isinstance(self.force_upcast, bool):
+            raise ValueError(f"{where}: force_upcast={self.force_upcast!r} must be true or false")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"VAE config: block_out_channels={list(self.block_out_channels)} has "
@@ -90,10 +95,10 @@ class VAEConfig:
             if config.get(key) is not None:
                 refuse(key, "None (per-channel latent statistics are not implemented)")
         names = {f.name for f in dataclasses.fields(cls)}
-        # sample_size and force_upcast steer diffusers' tiling and fp16 upcasting, not the network.
+        # sample_size steers diffusers' tiling, not the network.
         bookkeeping = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
                        "act_fn", "down_block_types", "up_block_types", "latents_mean", "latents_std",
-                       "sample_size", "force_upcast"}
+                       "sample_size"}
         unknown = sorted(set(config) - names - bookkeeping)
         if unknown:
             logger.warning("VAE config: ignoring keys jaxsd does not know: %s", unknown)

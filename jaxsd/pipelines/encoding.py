@@ -11,18 +11,29 @@ unconditional (negative prompt) half first, as diffusers does:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsd.models.unet import guidance_scale_embedding
+from jaxsd.models.unet import AddedCond, guidance_scale_embedding
 
 
 class PromptEmbeddings(NamedTuple):
-    cond: jax.Array            # [B, 77, D] the prompts' CLIP embeddings, one row per image
-    uncond: jax.Array | None   # [B, 77, D] the negative prompts'; None without guidance
+    cond: Any                  # [B, 77, D] the prompts' CLIP embeddings, one row per image (SDXL:
+                               # an XLConditioning of arrays with B rows)
+    uncond: Any | None         # the same for the negative prompts; None without guidance
+
+    @property
+    def batch(self) -> int:
+        return jax.tree.leaves(self.cond)[0].shape[0]
+
+
+class XLConditioning(NamedTuple):
+    """What an SDXL UNet is conditioned on, per image."""
+    text: jax.Array            # [B, 77, 2048] both encoders' penultimate states, concatenated
+    added: AddedCond           # pooled [B, 1280] (the bigG's text_embeds), time_ids [B, 6] (or 5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,6 +46,13 @@ def encode_text(text_encoder, params, ids_BT, clip_skip=None):
         return out.last_hidden_state
     # clip_skip: the output of layer L - clip_skip, through the final LayerNorm (as diffusers).
     return final_norm(text_encoder, params, out.hidden_states[-(clip_skip + 1)])
+
+
+def encode_text_xl(text_encoder, params, ids_BT, clip_skip=None):
+    """SDXL: token ids [B, 77] -> (the output of layer L - 1 - clip_skip, without the final
+    LayerNorm [B, 77, D]; the projected pooled output [B, P], None for an encoder without one)."""
+    out = text_encoder.apply({"params": params}, ids_BT, output_hidden_states=True)
+    return out.hidden_states[-((clip_skip or 0) + 2)], out.text_embeds
 
 
 def final_norm(text_encoder, params, hidden_BTD):
@@ -106,7 +124,11 @@ def guided_model_fn(unet, guidance: bool, rescale: bool, extra: bool, embedded: 
         if embedded:
             w_B = jnp.full((x_in.shape[0],), w - 1, jnp.float32)
             cond = (guidance_scale_embedding(w_B, unet.config.time_cond_proj_dim),)
-        out = unet.apply({"params": params}, x_in, t, context, *cond).astype(jnp.float32)
+        if isinstance(context, XLConditioning):  # SDXL: the pooled text and sizes join the time embedding
+            out = unet.apply({"params": params}, x_in, t, context.text, *cond, added_cond=context.added)
+        else:
+            out = unet.apply({"params": params}, x_in, t, context, *cond)
+        out = out.astype(jnp.float32)
         if not guidance:
             return out
         uncond, cond = jnp.split(out, 2)

@@ -124,6 +124,7 @@ class StableDiffusion:
                         variant: str | None = None, allow_pickle: bool = False, devices=None,
                         **overrides) -> "StableDiffusion":
         """Load a diffusers folder, a Hugging Face Hub id or an original single-file checkpoint.
+        An SDXL checkpoint (one with ``text_encoder_2``) gives a :class:`StableDiffusionXL`.
 
         :param dtype: compute and parameter dtype (jnp.float32, jnp.bfloat16 or jnp.float16).
         :param revision: Hub branch, tag or commit.
@@ -134,9 +135,30 @@ class StableDiffusion:
             ``[jax.devices()[0]]`` runs on one. Settable later as ``pipe.devices``.
         :param overrides: single-file architecture overrides (see ``jaxsd.checkpoints.single_file``).
         """
-        return cls(sources.load(source, dtype, revision=revision, variant=variant,
-                                allow_pickle=allow_pickle, overrides=overrides or None), dtype,
-                   devices=devices)
+        components = sources.load(source, dtype, revision=revision, variant=variant,
+                                  allow_pickle=allow_pickle, overrides=overrides or None)
+        # One entry point for every family: the class that handles these components (an SDXL
+        # checkpoint gives a StableDiffusionXL, whichever class this is called on; docs/sdxl.md).
+        family = next((sub for sub in cls._families() if sub.handles(components)), StableDiffusion)
+        if not issubclass(family, cls):
+            raise CheckpointError(f"{str(source)!r} is a {family.__name__} checkpoint, not a {cls.__name__} "
+                                  f"one; load it with StableDiffusion.from_pretrained")
+        return family(components, dtype, devices=devices)
+
+    @classmethod
+    def handles(cls, components: sources.Components) -> bool:
+        """Whether this class runs these components (SD 1.x/2.x: no second text encoder)."""
+        return not components.is_xl
+
+    @staticmethod
+    def _families() -> list:
+        """The pipeline classes, most specific first (subclasses register by subclassing)."""
+        found, todo = [], [StableDiffusion]
+        while todo:
+            klass = todo.pop()
+            found.insert(0, klass)
+            todo += klass.__subclasses__()
+        return found
 
     def with_lora(self, lora, scale: float | dict = 1.0) -> "StableDiffusion":
         """A new pipeline with a LoRA merged into the text encoder and the UNet; this one is unchanged.
@@ -388,8 +410,8 @@ class StableDiffusion:
 
     def _run(self, emb: PromptEmbeddings, noise, *, scheduler, karras, num_steps, guidance_scale,
              guidance_rescale, eta, key, output, progress, init_latents=None, first_step=0,
-             extra=None, after_step=None, after_step_args=(), after_step_consts=(),
-             schedule="default"):
+             last_step=None, add_noise=True, extra=None, after_step=None, after_step_args=(),
+             after_step_consts=(), schedule="default"):
         """Sample and decode. Every batch-first array (``emb``, ``noise``, ``init_latents``,
         ``extra``, ``after_step_args``) is split over the pipeline's devices when it has
         several; ``after_step_consts`` follow the batch arrays in after_step's arguments."""
@@ -402,14 +424,14 @@ class StableDiffusion:
         if mesh is not None:  # data parallel: rows split over the devices, the rest replicated
             size = runtime.padded_size(B, mesh)
             shard = lambda x: None if x is None else runtime.shard_batch(x, mesh, size)
-            emb = PromptEmbeddings(shard(emb.cond), shard(emb.uncond))
+            emb = jax.tree.map(shard, emb)  # SDXL: the text, pooled text and time ids alike
             noise, init_latents, extra = shard(noise), shard(init_latents), shard(extra)
             after_step_args = tuple(shard(a) for a in after_step_args)
             unet_params = self._replicated("unet_params", mesh)
             key = shard(key) if jnp.ndim(key) == 1 else runtime.replicate(key, mesh)  # per image, or one
             scalars, after_step_consts = runtime.replicate((scalars, after_step_consts), mesh)
         guided = emb.uncond is not None
-        context = jnp.concatenate([emb.uncond, emb.cond]) if guided else emb.cond
+        context = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), emb.uncond, emb.cond) if guided else emb.cond
         if extra is not None and guided:
             extra = jnp.concatenate([extra, extra])
         model_fn = self._model_fn(guided, guided and guidance_rescale > 0, extra is not None)
@@ -422,7 +444,8 @@ class StableDiffusion:
         try:
             out = sampling.sample(model_fn, noise, sampler=name, num_steps=num_steps, schedule=schedule,
                                   key=key, model_args=args, eta=eta, init_latents=init_latents,
-                                  first_step=first_step, return_trajectory=output == "trajectory",
+                                  first_step=first_step, last_step=last_step, add_noise=add_noise,
+                                  return_trajectory=output == "trajectory",
                                   progress=bar, after_step=after_step,
                                   after_step_args=(*after_step_args, *after_step_consts))
         finally:
@@ -447,12 +470,13 @@ class StableDiffusion:
     # The three entry points
 
     def text_to_image(self, prompt=None, *, negative_prompt=None, batch_size: int | None = None,
-                      num_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                      num_steps: int = 50, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                       scheduler: str | None = None, karras: bool = False, schedule: str = "default",
                       eta: float = 0.0, height: int | None = None, width: int | None = None,
                       seed: int = 0, latents=None,
                       clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
-                      output: str = "images", progress: bool = False):
+                      denoising_end: float | None = None, output: str = "images", progress: bool = False,
+                      **conditioning):
         """Text -> uint8 images [B, height, width, 3] (diffusers' StableDiffusionPipeline).
 
         :param latents: the initial unit Gaussian noise [B, height/8, width/8, 4] (NHWC), as
@@ -464,38 +488,73 @@ class StableDiffusion:
         :param seed: an integer in [0, 2**64 - 1], or a list of one per image: then image b is
             exactly the image a one-image call with ``seed[b]`` draws (its noise, its sampler
             noise), whatever else is in the batch and however many devices share it.
-        :param guidance_scale: w; classifier-free guidance runs when w > 1.
+        :param guidance_scale: w; classifier-free guidance runs when w > 1. Default
+            ``DEFAULTS["text_to_image"]``: 7.5, as diffusers (SDXL: 5.0).
         :param height, width: in pixels; default ``self.default_size`` (the UNet's native size:
             512 for SD 1.x, 64 for the built-in tiny-shapes model).
         :param output: "images" (uint8), "latents" (the final scaled latents) or "trajectory"
             (the latents after every UNet evaluation, [E, B, h, w, 4]).
+        :param denoising_end: stop when this fraction of the denoising is done (in (0, 1); the
+            first model of SDXL's "ensemble of experts"): with ``output="latents"``, the unfinished
+            sampler state to hand to ``image_to_image(image_latents=..., denoising_start=...)``.
+        :param conditioning: SDXL's further arguments (``prompt_2``, ``original_size``, ...; see
+            :class:`jaxsd.StableDiffusionXL`); refused by an SD 1.x/2.x pipeline.
         """
+        guidance_scale = self._default("text_to_image", "guidance_scale", guidance_scale)
         self._check_run_args(num_steps, guidance_scale, guidance_rescale, eta, seed, scheduler)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         self._check_size(height, width)
-        emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size,
-                                 guidance=self._cfg(guidance_scale), clip_skip=clip_skip,
-                                 prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
-        B, f = emb.cond.shape[0], self.vae_factor
+        emb = self._encode("text_to_image", height, width, conditioning, prompt, negative_prompt,
+                           batch_size=batch_size, guidance=self._cfg(guidance_scale), clip_skip=clip_skip,
+                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        B, f = emb.batch, self.vae_factor
         noise_key, sampler_key, _ = self._seed_keys(seed, B, 3)
         noise = self._noise(latents, (B, height // f, width // f, self.vae.config.latent_channels), noise_key)
+        last_step = self._hand_off("denoising_end", denoising_end, num_steps, scheduler, karras, schedule)
         return self._run(emb, noise, scheduler=scheduler, karras=karras, schedule=schedule, num_steps=num_steps,
                          guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
-                         key=sampler_key, output=output, progress=progress)
+                         key=sampler_key, output=output, progress=progress, last_step=last_step)
 
-    def _prepare(self, image, height, width, prompt, kw):
+    def _hand_off(self, name, fraction, num_steps, scheduler, karras, schedule):
+        """The evaluation where ``denoising_end`` stops or ``denoising_start`` starts (None: none)."""
+        if fraction is None:
+            return None
+        sampler, schedule = self._sampler_and_schedule(scheduler, karras, schedule, num_steps)
+        plan, T = sampling.make_plan(sampler, num_steps, schedule), self.schedule.num_train_timesteps
+        if name == "denoising_end":
+            return sampling.last_step_for_denoising_end(plan, T, fraction)
+        return sampling.first_step_for_denoising_start(plan, T, fraction)
+
+    def _prepare(self, kind, image, height, width, prompt, kw, conditioning):
         """Shared by image_to_image and inpaint: size, prompt embeddings, pixels, keys."""
         if height is None or width is None:
             dh, dw = imgs.default_size(image, self.vae_factor)
             height, width = height or dh, width or dw
         self._check_size(height, width)
-        emb = self.encode_prompt(prompt, kw.pop("negative_prompt"), batch_size=kw.pop("batch_size"),
-                                 guidance=self._cfg(kw["guidance_scale"]), clip_skip=kw.pop("clip_skip"),
-                                 prompt_embeds=kw.pop("prompt_embeds"),
-                                 negative_prompt_embeds=kw.pop("negative_prompt_embeds"))
-        keys = self._seed_keys(kw.pop("seed"), emb.cond.shape[0], 4)  # noise, sampler, 2 x posterior
+        emb = self._encode(kind, height, width, conditioning, prompt, kw.pop("negative_prompt"),
+                           batch_size=kw.pop("batch_size"), guidance=self._cfg(kw["guidance_scale"]),
+                           clip_skip=kw.pop("clip_skip"), prompt_embeds=kw.pop("prompt_embeds"),
+                           negative_prompt_embeds=kw.pop("negative_prompt_embeds"))
+        keys = self._seed_keys(kw.pop("seed"), emb.batch, 4)  # noise, sampler, 2 x posterior
         return height, width, emb, keys
+
+    # Defaults that differ between the model families, as diffusers' pipelines have them.
+    DEFAULTS = {"text_to_image": {"guidance_scale": 7.5},
+                "image_to_image": {"guidance_scale": 7.5, "strength": 0.8},
+                "inpaint": {"guidance_scale": 7.5, "strength": 1.0}}
+
+    def _default(self, kind: str, name: str, value):
+        return self.DEFAULTS[kind][name] if value is None else value
+
+    def _encode(self, kind, height, width, conditioning, prompt, negative_prompt, **kw) -> PromptEmbeddings:
+        """The prompt embeddings for one call of ``kind`` at height x width: SD 1.x/2.x take
+        none of SDXL's ``conditioning`` arguments (StableDiffusionXL overrides this)."""
+        if conditioning:
+            raise TypeError(f"{kind}() got unexpected argument(s) {sorted(conditioning)}: SDXL's "
+                            f"conditioning arguments need an SDXL checkpoint; {self.source!r} is "
+                            f"{self.info_architecture()}")
+        return self.encode_prompt(prompt, negative_prompt, **kw)
 
     def _encode_images(self, pixels, key, B: int, what: str = "image"):
         """The images' latents for a batch of B: encoded once and repeated (one key), or with one
@@ -525,59 +584,106 @@ class StableDiffusion:
         plan = sampling.make_plan(name, num_steps, schedule)
         return plan, sampling.first_step_for_strength(plan, num_steps, strength)
 
-    def image_to_image(self, image, prompt=None, *, strength: float = 0.8, negative_prompt=None,
-                       batch_size: int | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
+    def image_to_image(self, image=None, prompt=None, *, strength: float | None = None, negative_prompt=None,
+                       batch_size: int | None = None, num_steps: int = 50, guidance_scale: float | None = None,
                        guidance_rescale: float = 0.0, scheduler: str | None = None,
                        karras: bool = False, schedule: str = "default", eta: float = 0.0,
                        height: int | None = None,
                        width: int | None = None, seed: int = 0, latents=None,
                        clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
-                       output: str = "images", progress: bool = False):
+                       image_latents=None, denoising_start: float | None = None,
+                       denoising_end: float | None = None, output: str = "images", progress: bool = False,
+                       **conditioning):
         """Image + text -> images (StableDiffusionImg2ImgPipeline): noise the image's latents to
         level ``strength`` and denoise from there, running int(num_steps * strength) steps.
+        Defaults (``DEFAULTS["image_to_image"]``): strength 0.8, guidance 7.5 (SDXL: 0.3, 5.0).
 
         :param image: PIL image(s) or uint8 / [0, 1] float arrays; resized to height x width
             (default: its own size rounded down to a multiple of 8).
         :param latents: the unit Gaussian noise mixed into the image latents (default from seed).
         :param seed: an integer, or one per image (then image b is what a one-image call with
             ``seed[b]`` and image b mod n draws, the image's encoding included).
+        :param image_latents: scaled latents [n, h, w, 4] (NHWC) instead of ``image``: no VAE
+            round trip (e.g. ``text_to_image(..., denoising_end=0.8, output="latents")``).
+        :param denoising_start: start where this fraction of the denoising is done, from
+            ``image`` / ``image_latents`` taken as they are (no noise added; ``strength`` unused):
+            the second model of SDXL's "ensemble of experts", after ``denoising_end`` (diffusers'
+            rule: the evaluations with timesteps below int(round(T (1 - denoising_start)))).
+        :param denoising_end: stop when this fraction is done (see text_to_image).
         """
+        if (image is None) == (image_latents is None):
+            raise ValueError("pass exactly one of image (pixels) and image_latents (scaled latents, NHWC)")
+        if denoising_start is not None and strength is not None:
+            logger.warning("strength=%s is not used: denoising_start=%s says where to start (as in "
+                           "diffusers)", strength, denoising_start)
+        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+        if image_latents is not None:  # the size is the latents'
+            image_latents = self._check_image_latents(image_latents)
+            height, width = self._latent_size(image_latents, height, width)
+        strength = self._default("image_to_image", "strength", strength)
+        guidance_scale = self._default("image_to_image", "guidance_scale", guidance_scale)
         kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                   seed=seed, guidance_scale=guidance_scale)
         self._check_run_args(num_steps, guidance_scale, guidance_rescale, eta, seed, scheduler)
-        _, first_step = self._first_step(strength, num_steps, scheduler, karras, schedule)
-        height, width, emb, keys = self._prepare(image, height, width, prompt, kw)
-        B = emb.cond.shape[0]
-        pixels = imgs.prepare_image(image, height, width)
-        image_latents = self._encode_images(pixels, keys[2], B)
+        if denoising_start is None:
+            _, first_step = self._first_step(strength, num_steps, scheduler, karras, schedule)
+        else:
+            first_step = self._hand_off("denoising_start", denoising_start, num_steps, scheduler, karras, schedule)
+        last_step = self._hand_off("denoising_end", denoising_end, num_steps, scheduler, karras, schedule)
+        height, width, emb, keys = self._prepare("image_to_image", image, height, width, prompt, kw, conditioning)
+        B = emb.batch
+        if image_latents is None:
+            image_latents = self._encode_images(imgs.prepare_image(image, height, width), keys[2], B)
+        else:
+            image_latents = self._tile(image_latents, B, "image latent")
         noise = self._noise(latents, image_latents.shape, keys[0])
         return self._run(emb, noise, scheduler=scheduler, karras=karras, schedule=schedule, num_steps=num_steps,
                          guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
-                         key=keys[1], output=output, progress=progress,
-                         init_latents=image_latents, first_step=first_step)
+                         key=keys[1], output=output, progress=progress, init_latents=image_latents,
+                         first_step=first_step, last_step=last_step, add_noise=denoising_start is None)
 
-    def inpaint(self, image, mask, prompt=None, *, strength: float = 1.0, negative_prompt=None,
-                batch_size: int | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
+    def _check_image_latents(self, image_latents):
+        x = jnp.asarray(image_latents, jnp.float32)
+        C = self.vae.config.latent_channels
+        if x.ndim != 4 or x.shape[-1] != C:
+            raise ValueError(f"image_latents has shape {x.shape}; expected scaled latents [n, h, w, {C}] (NHWC)")
+        if not bool(jnp.isfinite(x).all()):
+            raise ValueError("image_latents holds NaN or infinite values")
+        return x
+
+    def _latent_size(self, image_latents, height, width):
+        size = (image_latents.shape[1] * self.vae_factor, image_latents.shape[2] * self.vae_factor)
+        if (height, width) not in ((None, None), size):
+            raise ValueError(f"height={height}, width={width} do not match image_latents {image_latents.shape}, "
+                             f"which are {size[0]} x {size[1]} pixels; leave them out")
+        return size
+
+    def inpaint(self, image, mask, prompt=None, *, strength: float | None = None, negative_prompt=None,
+                batch_size: int | None = None, num_steps: int = 50, guidance_scale: float | None = None,
                 scheduler: str | None = None, karras: bool = False, schedule: str = "default",
                 eta: float = 0.0,
                 height: int | None = None, width: int | None = None, seed: int = 0, latents=None,
                 clip_skip: int | None = None, prompt_embeds=None, negative_prompt_embeds=None,
-                output: str = "images", progress: bool = False):
-        """Repaint the white part of ``mask`` (StableDiffusionInpaintPipeline).
+                output: str = "images", progress: bool = False, **conditioning):
+        """Repaint the white part of ``mask`` (StableDiffusionInpaintPipeline). Defaults
+        (``DEFAULTS["inpaint"]``): strength 1.0, guidance 7.5 (SDXL: 0.9999, 7.5).
 
         9-channel inpainting UNets see the mask and the masked image's latents as extra input
         channels. Ordinary 4-channel UNets denoise everything, and after every step the known
         region is replaced by the image's latents noised to the next step's level.
         """
+        strength = self._default("inpaint", "strength", strength)
+        guidance_scale = self._default("inpaint", "guidance_scale", guidance_scale)
         self._check_run_args(num_steps, guidance_scale, 0.0, eta, seed, scheduler)
         imgs.check_mask_matches(image, mask)
         kw = dict(negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                   seed=seed, guidance_scale=guidance_scale)
         plan, first_step = self._first_step(strength, num_steps, scheduler, karras, schedule)
-        height, width, emb, keys = self._prepare(image, height, width, prompt, kw)
-        B, f, C = emb.cond.shape[0], self.vae_factor, self.vae.config.latent_channels
+        height, width, emb, keys = self._prepare("inpaint", image, height, width, prompt, kw, conditioning)
+        B, f, C = emb.batch, self.vae_factor, self.vae.config.latent_channels
         pixels = imgs.prepare_image(image, height, width)
         mask_px = imgs.prepare_mask(mask, height, width)
         # The latent-space mask: nearest-neighbour downsampling (torch's F.interpolate default).
@@ -610,16 +716,20 @@ class StableDiffusion:
 
     # -----------------------------------------------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
-        """What this checkpoint is, for ``jaxsd info``."""
-        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+    def info_architecture(self) -> str:
+        """The model family, from the UNet's text width (and its channels, for inpainting)."""
         D = self.unet.config.cross_attention_dim
         arch = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}.get(D, f"custom (text width {D})")
         if self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1:
             arch += ", inpainting (9-channel UNet)"
+        return arch
+
+    def info(self) -> dict[str, Any]:
+        """What this checkpoint is, for ``jaxsd info``."""
+        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
         why = {name: sampling.refusal(name, self.schedule) for name in sampling.SAMPLERS}
         return {
-            "source": self.source, "architecture": arch,
+            "source": self.source, "architecture": self.info_architecture(),
             "prediction_type": self.schedule.prediction_type,
             "default_scheduler": f"{self.scheduler} ({self.scheduler_config.get('_class_name')})",
             "parameters": {"text_encoder": count(self.text_params), "unet": count(self.unet_params),

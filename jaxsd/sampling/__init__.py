@@ -13,10 +13,12 @@ checkpoints. Read in this order:
     loop.py         names -> samplers, and the whole loop as one jitted ``jax.lax.scan``
 """
 from jaxsd.sampling.loop import (SAMPLER_OF_SCHEDULER, SAMPLERS, Sampled, Sampler, add_noise, check_eta,
-                                 default_sampler, first_step_for_strength, get_sampler, make_plan, refusal,
-                                 sample, step_noise)
+                                 default_sampler, first_step_for_denoising_start, first_step_for_strength,
+                                 get_sampler, last_step_for_denoising_end, make_plan, refusal, sample,
+                                 step_noise)
 from jaxsd.sampling.schedule import SD1_CONFIG, SD2_V_CONFIG, ScheduleConfig
 
 __all__ = ["SAMPLERS", "SAMPLER_OF_SCHEDULER", "Sampled", "Sampler", "ScheduleConfig", "SD1_CONFIG",
-           "SD2_V_CONFIG", "add_noise", "check_eta", "default_sampler", "first_step_for_strength",
-           "get_sampler", "make_plan", "refusal", "sample", "step_noise"]
+           "SD2_V_CONFIG", "add_noise", "check_eta", "default_sampler", "first_step_for_denoising_start",
+           "first_step_for_strength", "get_sampler", "last_step_for_denoising_end", "make_plan", "refusal",
+           "sample", "step_noise"]

@@ -190,6 +190,32 @@ def first_step_for_strength(plan: Plan, num_steps: int, strength) -> Any:
     return jnp.maximum(num_steps - init_timestep, 0) * plan.order
 
 
+def _cutoff(T: int, fraction: float, name: str) -> int:
+    """SDXL's hand-off point: the training timestep where a fraction of the denoising is done,
+    int(round(T - fraction T)) as diffusers computes it (float64, round half to even)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"{name}={fraction!r} must be a number strictly between 0 and 1 (the fraction "
+                         f"of the denoising done by the first model)")
+    return int(round(T - fraction * T))
+
+
+def last_step_for_denoising_end(plan: Plan, num_train_timesteps: int, denoising_end: float) -> int:
+    """diffusers' SDXL ``denoising_end``: run the evaluations whose timestep is >= the cutoff
+    (the base of an "ensemble of experts"; its latents go to the refiner unfinished)."""
+    cutoff = _cutoff(num_train_timesteps, denoising_end, "denoising_end")
+    return int(sum(float(t) >= cutoff for t in plan.timesteps))
+
+
+def first_step_for_denoising_start(plan: Plan, num_train_timesteps: int, denoising_start: float) -> int:
+    """diffusers' SDXL img2img ``denoising_start`` (get_timesteps): run the evaluations whose
+    timestep is < the cutoff, one more for a second-order sampler when their count is even."""
+    cutoff = _cutoff(num_train_timesteps, denoising_start, "denoising_start")
+    n = int(sum(float(t) < cutoff for t in plan.timesteps))
+    if plan.order == 2 and n % 2 == 0:
+        n += 1
+    return len(plan.timesteps) - n
+
+
 class Sampled(NamedTuple):
     latents: jax.Array  # [B, H, W, C] float32, the final sample
     trajectory: jax.Array | None  # [E, B, H, W, C] latents after every evaluation, if asked
@@ -197,9 +223,9 @@ class Sampled(NamedTuple):
 
 def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: int,
            schedule: ScheduleConfig, key: jax.Array | None = None, model_args: tuple = (),
-           eta=0.0, init_latents: jax.Array | None = None, first_step=0,
-           return_trajectory: bool = False, progress=None, after_step: Callable | None = None,
-           after_step_args: tuple = ()) -> Sampled:
+           eta=0.0, init_latents: jax.Array | None = None, first_step=0, last_step=None,
+           add_noise: bool = True, return_trajectory: bool = False, progress=None,
+           after_step: Callable | None = None, after_step_args: tuple = ()) -> Sampled:
     """Runs a whole diffusers-equivalent sampling loop as one jitted lax.scan.
 
     :param model_fn: `model_fn(x, t, *model_args) -> model output` shaped like x (any dtype; the
@@ -216,6 +242,11 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
         passes eta only to a scheduler whose step takes it); a nonzero eta elsewhere is refused.
     :param init_latents: img2img: the encoded image latents; `first_step` evaluations are skipped.
     :param first_step: evaluations to skip (traced); see `first_step_for_strength`.
+    :param last_step: stop before this evaluation (traced; default all): SDXL's
+        ``denoising_end``, see `last_step_for_denoising_end`. The state is returned as it is
+        (for Euler: the noisy x at that level, not a prediction of the clean image).
+    :param add_noise: False: `init_latents` are already at the level of `first_step` (SDXL's
+        refiner continuing the base's latents, `first_step_for_denoising_start`); used as they are.
     :param return_trajectory: also return the latents after every evaluation.
     :param after_step: `after_step(x, i, *after_step_args) -> x`, applied to the latents after
         evaluation i (static, like model_fn). Inpainting with an ordinary 4-channel UNet uses it
@@ -241,18 +272,21 @@ def sample(model_fn: Callable, latents: jax.Array, *, sampler: str, num_steps: i
     arrays = dict(timesteps=plan.timesteps, c_in=plan.c_in, consts=plan.consts,
                   noise_a=plan.noise_a, noise_b=plan.noise_b,
                   init_noise_sigma=np.float32(plan.init_noise_sigma))
+    if not add_noise and init_latents is None:
+        raise ValueError("add_noise=False continues from init_latents; pass them")
+    last_step = plan.timesteps.shape[0] if last_step is None else last_step
     static = dict(sampler=s.name, after_step=after_step, learned_variance=learned_variance)
     if progress is None:
         return _sample_jit(model_fn, tuple(model_args), latents, init_latents, arrays, key,
-                           jnp.float32(eta), first_step, return_trajectory=return_trajectory,
-                           after_step_args=tuple(after_step_args), **static)
+                           jnp.float32(eta), first_step, last_step, return_trajectory=return_trajectory,
+                           add_noise=add_noise, after_step_args=tuple(after_step_args), **static)
     return _sample_stepwise(progress, model_fn, tuple(model_args), latents, init_latents, arrays,
-                            key, jnp.float32(eta), first_step, return_trajectory,
+                            key, jnp.float32(eta), first_step, last_step, add_noise, return_trajectory,
                             tuple(after_step_args), static)
 
 
 def _sample_stepwise(progress, model_fn, model_args, latents, init_latents, arrays, key, eta,
-                     first_step, return_trajectory, after_step_args, static) -> Sampled:
+                     first_step, last_step, add_noise, return_trajectory, after_step_args, static) -> Sampled:
     """`_sample_jit`'s loop with the same step function, one compiled call per evaluation, so
     that a progress bar advances between calls.
 
@@ -267,17 +301,18 @@ def _sample_stepwise(progress, model_fn, model_args, latents, init_latents, arra
                          "run inside jax.jit (leave progress=None there)")
     with _ctrl_c_between_steps() as interrupted:
         return _stepwise_loop(progress, model_fn, model_args, latents, init_latents, arrays, key,
-                              eta, int(first_step), return_trajectory, after_step_args, static,
-                              interrupted)
+                              eta, int(first_step), int(last_step), add_noise, return_trajectory,
+                              after_step_args, static, interrupted)
 
 
-def _stepwise_loop(progress, model_fn, model_args, latents, init_latents, arrays, key, eta, first,
-                   return_trajectory, after_step_args, static, interrupted) -> Sampled:
+def _stepwise_loop(progress, model_fn, model_args, latents, init_latents, arrays, key, eta, first, last,
+                   add_noise, return_trajectory, after_step_args, static, interrupted) -> Sampled:
     E = arrays["timesteps"].shape[0]
     describe = getattr(progress, "set_postfix_str", None)
     if describe is not None:
         describe("compiling...")
-    state = _initial_state_jit(latents, init_latents, arrays, first, sampler=static["sampler"])
+    state = _initial_state_jit(latents, init_latents, arrays, first, sampler=static["sampler"],
+                               add_noise=add_noise)
     state = _split_like(state, latents)
     static = dict(static, model_fn=model_fn)
     step = functools.partial(_evaluate_jit, **static)
@@ -293,7 +328,7 @@ def _stepwise_loop(progress, model_fn, model_args, latents, init_latents, arrays
         progress.reset(total=E)
     progress.update(first)  # img2img: the evaluations it skips
     trajectory = [state.x] * first
-    for i in range(first, E):
+    for i in range(first, last):
         state = step(model_args, state, np.int32(i), arrays, key, eta, after_step_args)
         jax.block_until_ready(state.x)
         if interrupted():
@@ -301,6 +336,8 @@ def _stepwise_loop(progress, model_fn, model_args, latents, init_latents, arrays
         if return_trajectory:
             trajectory.append(state.x)
         progress.update(1)
+    trajectory += [state.x] * (E - max(last, first))  # denoising_end: the evaluations not run
+    progress.update(E - max(last, first))
     return Sampled(latents=state.x, trajectory=jnp.stack(trajectory) if return_trajectory else None)
 
 
@@ -352,11 +389,13 @@ def _check_output(out_shape, x_shape, sampler, learned_variance):
                          f"latents' shape {tuple(x_shape)}{hint}")
 
 
-def _initial_state(latents, init_latents, arrays, first_step, *, sampler):
+def _initial_state(latents, init_latents, arrays, first_step, *, sampler, add_noise=True):
     """The sampler's state before evaluation 0 (text-to-image) or `first_step` (img2img)."""
     latents = latents.astype(jnp.float32)
     if init_latents is None:
         x = latents * arrays["init_noise_sigma"]
+    elif not add_noise:  # already noised to this level (the SDXL refiner's hand-off)
+        x = init_latents.astype(jnp.float32)
     else:
         x = (arrays["noise_a"][first_step] * init_latents.astype(jnp.float32)
              + arrays["noise_b"][first_step] * latents)
@@ -377,30 +416,31 @@ def _evaluate(model_fn, model_args, state, i, t, c_in, c, key, eta, after_step_a
     return state
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "sampler", "return_trajectory",
+@functools.partial(jax.jit, static_argnames=("model_fn", "sampler", "return_trajectory", "add_noise",
                                              "after_step", "learned_variance"))
-def _sample_jit(model_fn, model_args, latents, init_latents, arrays, key, eta, first_step, *,
-                sampler, return_trajectory, after_step=None, after_step_args=(),
+def _sample_jit(model_fn, model_args, latents, init_latents, arrays, key, eta, first_step, last_step, *,
+                sampler, return_trajectory, add_noise=True, after_step=None, after_step_args=(),
                 learned_variance=False):
     static = dict(sampler=sampler, after_step=after_step, learned_variance=learned_variance)
 
     def body(state, xs):
         i, t, c_in, c = xs
-        # img2img skips the first evaluations; lax.cond runs only the taken branch.
-        state = jax.lax.cond(i >= first_step, lambda st: _evaluate(
+        # img2img skips the first evaluations, denoising_end the last; lax.cond runs only the
+        # taken branch.
+        state = jax.lax.cond((i >= first_step) & (i < last_step), lambda st: _evaluate(
             model_fn, model_args, st, i, t, c_in, c, key, eta, after_step_args, **static),
             lambda st: st, state)
         return state, (state.x if return_trajectory else None)
 
     E = arrays["timesteps"].shape[0]
     xs = (jnp.arange(E), arrays["timesteps"], arrays["c_in"], arrays["consts"])
-    state0 = _initial_state(latents, init_latents, arrays, first_step, sampler=sampler)
+    state0 = _initial_state(latents, init_latents, arrays, first_step, sampler=sampler, add_noise=add_noise)
     state, trajectory = jax.lax.scan(body, state0, xs)
     return Sampled(latents=state.x, trajectory=trajectory)
 
 
 # The same two pieces as programs of their own, for the step-by-step loop with a progress bar.
-_initial_state_jit = jax.jit(_initial_state, static_argnames=("sampler",))
+_initial_state_jit = jax.jit(_initial_state, static_argnames=("sampler", "add_noise"))
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "sampler", "after_step", "learned_variance"))
