@@ -161,6 +161,10 @@ def test_sdxl_arguments_are_checked(base, caplog):
         base.text_to_image(PROMPT, original_size=(64,), **kw)
     base.text_to_image(PROMPT, aesthetic_score=7.0, **kw)
     assert "aesthetic_score not used: only a refiner" in caplog.text
+    base.text_to_image(PROMPT, negative_prompt="blurry", guidance_scale=1.0, **kw)
+    assert "negative_prompt not used: there is no classifier-free guidance" in caplog.text
+    with pytest.raises(ValueError, match=r"clip_skip=2 must be an integer in \[0, 1\]"):  # 3-layer encoders
+        base.text_to_image(PROMPT, clip_skip=2, **kw)
     with pytest.raises(NotImplementedError, match="LoRAs for SDXL"):
         base.with_lora([])
 

@@ -394,6 +394,23 @@ def test_sdxl_unet_at_real_widths_matches_diffusers(tmp_path):
     assert relative_error(ours, expected) <= FLOAT32_TOLERANCE
 
 
+@pytest.mark.slow
+def test_sdxl_refiner_unet_at_real_widths_matches_diffusers():
+    """The refiner's UNet at its real widths (384..1536), heads, 1280-wide text and 5 numbers,
+    with the depth cut from 4 to 1; converted in memory (no file); 8 x 8 latent, one sample."""
+    from jaxsd.checkpoints.components import build_unet
+    config_json = dict(SDXL_REFINER_CONFIG_JSON, transformer_layers_per_block=1)
+    reference = randomised_reference(config_json, seed=3)
+    config = UNetConfig.from_diffusers(config_json)
+    sample, text = inputs(config, batch=1, size=8)
+    added = added_inputs(1, 1280, 5)
+    expected = reference_output(reference, sample, np.array([400.0], np.float32), text, added)
+    model, params = build_unet(config_json, {k: v.numpy() for k, v in reference.state_dict().items()})
+    del reference
+    ours = jax.jit(model.apply)({"params": params}, sample, np.array([400.0], np.float32), text, None, added)
+    assert relative_error(ours, expected) <= FLOAT32_TOLERANCE
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_blocked_attention_matches_jax(dtype):
     """The CPU attention path, with a query count that needs padding to whole blocks (300 = 256 + 44)."""

@@ -266,24 +266,10 @@ class StableDiffusion:
             as diffusers).
         :param prompt_embeds: precomputed [P, 77, D] embeddings instead of prompt.
         """
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of prompt (text) and prompt_embeds (precomputed "
-                             f"embeddings); got prompt={prompt!r} and prompt_embeds "
-                             f"{'given' if prompt_embeds is not None else 'None'}")
+        prompts, P, batch_size = self._prompts_and_batch(prompt, prompt_embeds, batch_size)
         if clip_skip is not None and not 0 <= clip_skip < self.text_encoder.config.num_hidden_layers:
             raise ValueError(f"clip_skip={clip_skip!r} must be an integer in [0, "
                              f"{self.text_encoder.config.num_hidden_layers - 1}] (layers to skip)")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if prompt is not None and (not isinstance(prompts, (list, tuple))
-                                   or not all(isinstance(p, str) for p in prompts)):
-            raise ValueError(f"prompt={prompt!r} must be a string or a list of strings")
-        P = len(prompts) if prompt is not None else np.shape(prompt_embeds)[0]
-        if P == 0:
-            raise ValueError("prompt is an empty list")
-        batch_size = P if batch_size is None else batch_size
-        if not isinstance(batch_size, int) or batch_size < 1 or batch_size % P:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive multiple of the number of "
-                             f"prompts ({P}); it is the number of images in all")
         per_prompt = batch_size // P
 
         if prompt_embeds is None:
@@ -309,6 +295,26 @@ class StableDiffusion:
                 uncond = self._encode_text_jit(self.text_params, self._tokenize(negatives))
         repeat = lambda x: None if x is None else jnp.repeat(x, per_prompt, axis=0)
         return PromptEmbeddings(repeat(cond), repeat(uncond))
+
+    @staticmethod
+    def _prompts_and_batch(prompt, prompt_embeds, batch_size, name="prompt"):
+        """(the prompt list or None, P prompts, images in all), after checking them."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt (text) and prompt_embeds (precomputed "
+                             f"embeddings); got prompt={prompt!r} and prompt_embeds "
+                             f"{'given' if prompt_embeds is not None else 'None'}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if prompt is not None and (not isinstance(prompts, (list, tuple))
+                                   or not all(isinstance(p, str) for p in prompts)):
+            raise ValueError(f"{name}={prompt!r} must be a string or a list of strings")
+        P = len(prompts) if prompt is not None else np.shape(prompt_embeds)[0]
+        if P == 0:
+            raise ValueError(f"{name} is an empty list")
+        batch_size = P if batch_size is None else batch_size
+        if not isinstance(batch_size, int) or batch_size < 1 or batch_size % P:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive multiple of the number of "
+                             f"prompts ({P}); it is the number of images in all")
+        return prompts, P, batch_size
 
     # -----------------------------------------------------------------------------------------
     # Images <-> latents

@@ -132,27 +132,16 @@ class StableDiffusionXL(StableDiffusion):
         """Prompts -> (text [B, 77, 2048], pooled [B, 1280]) per image, as diffusers'
         ``StableDiffusionXLPipeline.encode_prompt``; ``PromptEmbeddings`` of ``XLConditioning``
         whose ``time_ids`` are filled in by the entry points (they depend on the size)."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of prompt (text) and prompt_embeds (precomputed "
-                             f"embeddings); got prompt={prompt!r} and prompt_embeds "
-                             f"{'given' if prompt_embeds is not None else 'None'}")
-        layers = self.text_encoder_2.config.num_hidden_layers
+        prompts, P, batch_size = self._prompts_and_batch(prompt, prompt_embeds, batch_size)
+        layers = min(e.config.num_hidden_layers for e in (self.text_encoder, self.text_encoder_2) if e is not None)
         if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
                                       or not 0 <= clip_skip < layers - 1):
             raise ValueError(f"clip_skip={clip_skip!r} must be an integer in [0, {layers - 2}] (layers to "
                              f"skip before the penultimate one)")
-        prompts = self._prompt_list("prompt", prompt)
-        P = len(prompts) if prompt is not None else np.shape(prompt_embeds)[0]
-        if P == 0:
-            raise ValueError("prompt is an empty list")
-        batch_size = P if batch_size is None else batch_size
-        if not isinstance(batch_size, int) or batch_size < 1 or batch_size % P:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive multiple of the number of "
-                             f"prompts ({P}); it is the number of images in all")
 
         if prompt_embeds is None:
             # prompt_2: one string for every prompt, or one per prompt (default: the prompts)
-            prompts_2 = self._prompt_list("prompt_2", prompt_2) if prompt_2 else prompts
+            prompts_2 = self._prompts_and_batch(prompt_2, None, None, "prompt_2")[0] if prompt_2 else prompts
             prompts_2 = prompts_2 * P if len(prompts_2) == 1 else prompts_2
             if len(prompts_2) != P:
                 raise ValueError(f"prompt_2 has {len(prompts_2)} entries but there are {P} prompts; pass "
@@ -161,6 +150,11 @@ class StableDiffusionXL(StableDiffusion):
         else:
             cond = self._given("prompt_embeds", prompt_embeds, "pooled_prompt_embeds", pooled_prompt_embeds, P)
         uncond = None
+        negatives_given = [n for n, v in (("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2),
+                                          ("negative_prompt_embeds", negative_prompt_embeds)) if v is not None]
+        if not guidance and negatives_given:
+            logger.warning("%s not used: there is no classifier-free guidance (guidance_scale <= 1)",
+                           " and ".join(negatives_given))
         if guidance:
             if negative_prompt_embeds is not None:
                 uncond = self._given("negative_prompt_embeds", negative_prompt_embeds,
@@ -175,14 +169,6 @@ class StableDiffusionXL(StableDiffusion):
         repeat = lambda pair: XLConditioning(jnp.repeat(pair[0], batch_size // P, axis=0),
                                              AddedCond(jnp.repeat(pair[1], batch_size // P, axis=0), None))
         return PromptEmbeddings(repeat(cond), None if uncond is None else repeat(uncond))
-
-    @staticmethod
-    def _prompt_list(name, prompt):
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if prompt is not None and (not isinstance(prompts, (list, tuple))
-                                   or not all(isinstance(p, str) for p in prompts)):
-            raise ValueError(f"{name}={prompt!r} must be a string or a list of strings")
-        return prompts
 
     def _encode_pair(self, prompts, prompts_2, clip_skip):
         """(text [P, 77, 768 + 1280], pooled [P, 1280]): encoder 1 reads ``prompts``, the bigG
