@@ -78,6 +78,8 @@ class CLIPTextConfig:
             config = config["text_config"]
         names = {f.name for f in dataclasses.fields(cls)} - {"with_projection"}
         with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
+        if not with_projection:  # projection_dim means nothing without the projection
+            names.discard("projection_dim")
         return cls(**{k: v for k, v in config.items() if k in names}, with_projection=with_projection)
 
 

@@ -447,9 +447,9 @@ class UNet(nn.Module):
                              f"(one per sample)")
 
     def example_inputs(self, batch: int = 1, size: int | None = None, sequence: int = 77):
-        """Dummy (sample, timesteps, text[, timestep_cond][, added_cond]) of the right shapes, for
-        ``init`` and shape checks (timestep_cond only for an LCM UNet, added_cond only for SDXL's,
-        so that their layers are created)."""
+        """Dummy inputs of the right shapes, for ``init`` and shape checks: sample, timesteps and
+        text, then timestep_cond for an LCM UNet and added_cond for SDXL's, so that their layers
+        are created."""
         cfg = self.config
         size = size or 2 ** (cfg.levels - 1)
         inputs = (jnp.zeros((batch, size, size, cfg.in_channels), self.dtype), jnp.zeros((batch,), jnp.int32),

@@ -622,8 +622,6 @@ class StableDiffusion:
         if denoising_start is not None and strength is not None:
             logger.warning("strength=%s is not used: denoising_start=%s says where to start (as in "
                            "diffusers)", strength, denoising_start)
-        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
         if image_latents is not None:  # the size is the latents'
             image_latents = self._check_image_latents(image_latents)
             height, width = self._latent_size(image_latents, height, width)
@@ -638,6 +636,8 @@ class StableDiffusion:
         else:
             first_step = self._hand_off("denoising_start", denoising_start, num_steps, scheduler, karras, schedule)
         last_step = self._hand_off("denoising_end", denoising_end, num_steps, scheduler, karras, schedule)
+        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
         height, width, emb, keys = self._prepare("image_to_image", image, height, width, prompt, kw, conditioning)
         B = emb.batch
         if image_latents is None:

@@ -53,17 +53,18 @@ CONDITIONING = {
 
 class StableDiffusionXL(StableDiffusion):
     """An SDXL checkpoint (base, refiner or Turbo). The entry points are
-    :class:`StableDiffusion`'s, with SDXL's defaults and these further keyword arguments:
+    :class:`StableDiffusion`'s, with SDXL's defaults (``DEFAULTS``) and these further keyword
+    arguments (``CONDITIONING`` lists them with their defaults):
 
-    :param prompt_2, negative_prompt_2: the prompts of the second (bigG) encoder (one string,
-        or one per prompt); default ``prompt`` and ``negative_prompt``.
-    :param pooled_prompt_embeds, negative_pooled_prompt_embeds: [P, 1280], required with
-        ``prompt_embeds`` / ``negative_prompt_embeds`` [P, 77, 2048].
-    :param original_size, crops_coords_top_left, target_size: (height, width), (top, left) and
-        (height, width) in pixels; default the output size, (0, 0) and the output size.
-    :param negative_original_size, negative_crops_coords_top_left, negative_target_size: the same
-        for the unconditional half (diffusers' rules for when they apply).
-    :param aesthetic_score, negative_aesthetic_score: the refiner's 6.0 and 2.5.
+    - ``prompt_2``, ``negative_prompt_2``: the prompts of the second (bigG) encoder (one string,
+      or one per prompt); default ``prompt`` and ``negative_prompt``.
+    - ``pooled_prompt_embeds``, ``negative_pooled_prompt_embeds``: [P, 1280], required with
+      ``prompt_embeds`` / ``negative_prompt_embeds`` [P, 77, 2048].
+    - ``original_size``, ``crops_coords_top_left``, ``target_size``: (height, width), (top, left)
+      and (height, width) in pixels; default the output size, (0, 0) and the output size.
+    - ``negative_original_size``, ``negative_crops_coords_top_left``, ``negative_target_size``:
+      the same for the unconditional half (diffusers' rules for when they apply, docs/sdxl.md).
+    - ``aesthetic_score``, ``negative_aesthetic_score``: the refiner's, 6.0 and 2.5.
     """
 
     DEFAULTS = {"text_to_image": {"guidance_scale": 5.0},

@@ -78,14 +78,16 @@ def vae_config_json(cfg: VAEConfig, sample_size: int) -> dict:
         "scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor,
         "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
         "mid_block_add_attention": cfg.mid_block_add_attention,
-        "force_upcast": False,
+        "force_upcast": cfg.force_upcast,
     }
 
 
 def text_config_json(cfg: CLIPTextConfig) -> dict:
     """transformers' ``CLIPTextConfig`` JSON (the fields jaxsd reads, plus what transformers needs)."""
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-            **dataclasses.asdict(cfg), "projection_dim": cfg.hidden_size,
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "with_projection"}
+    return {"architectures": ["CLIPTextModelWithProjection" if cfg.with_projection else "CLIPTextModel"],
+            "model_type": "clip_text_model", **fields,
+            "projection_dim": cfg.projection_dim if cfg.with_projection else cfg.hidden_size,
             "attention_dropout": 0.0, "dropout": 0.0, "initializer_range": 0.02,
             "initializer_factor": 1.0,
             # transformers 5 loads weights in the file's dtype unless the config names one;
