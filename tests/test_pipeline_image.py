@@ -4,37 +4,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline_reference import (PROMPT, inpainting_folder, max_diff, reference_pipeline, sd1,  # noqa: F401
+from pipeline_reference import (PROMPT, deterministic_reference_posterior, inpainting_folder, mask,  # noqa: F401
+                                max_diff, picture, reference_pipeline, sd1,
                                 sd1_folder, sd2, sd2_folder, to_uint8, torch_noise)
 from jaxsd import StableDiffusion
 
+
+# diffusers' posterior sample is its mean here (pipeline_reference.deterministic_reference_posterior)
+pytestmark = pytest.mark.usefixtures("deterministic_reference_posterior")
 SIZE, STEPS = 64, 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def deterministic_reference_posterior():
-    """diffusers draws z ~ q(z|x) with torch's generator; the test VAE's posterior std is ~3e-7
-    (see pipeline_reference), so take its mean and leave the generator for the noise alone."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    original = DiagonalGaussianDistribution.sample
-    DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
-    yield
-    DiagonalGaussianDistribution.sample = original
-
-
-@pytest.fixture(scope="module")
-def picture():
-    """A smooth RGB picture (so that Lanczos resizing and the VAE see structure, not noise)."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    rgb = np.stack([np.sin(6 * x) * 0.5 + 0.5, y, np.cos(4 * x * y) * 0.5 + 0.5], axis=-1)
-    return Image.fromarray((rgb * 255).round().astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def mask():
-    m = np.zeros((SIZE, SIZE), np.uint8)
-    m[16:48, 8:40] = 255  # white: repaint
-    return Image.fromarray(m)
 
 
 @pytest.mark.parametrize("version,sampler,resize", [("sd1", None, False), ("sd1", None, True),

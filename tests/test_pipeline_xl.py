@@ -12,23 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline_reference import (max_diff, reference_xl_pipeline, save_xl_checkpoint, sd1,  # noqa: F401
+from pipeline_reference import (deterministic_reference_posterior, mask, max_diff, picture,  # noqa: F401
+                                reference_xl_pipeline, save_xl_checkpoint, sd1,
                                 sd1_folder, to_uint8, torch_noise)
 from jaxsd import StableDiffusion, StableDiffusionXL
 from jaxsd.checkpoints.files import CheckpointError
 
+
+# diffusers' posterior sample is its mean here (pipeline_reference.deterministic_reference_posterior)
+pytestmark = pytest.mark.usefixtures("deterministic_reference_posterior")
 SIZE, STEPS, PROMPT = 64, 4, "a photograph of an astronaut riding a horse"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def deterministic_reference_posterior():
-    """As in test_pipeline_image: the test VAE's posterior std is ~3e-7, so diffusers takes the
-    mean and its generator is left for the noise."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    original = DiagonalGaussianDistribution.sample
-    DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
-    yield
-    DiagonalGaussianDistribution.sample = original
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +42,6 @@ def base(base_folder):
 @pytest.fixture(scope="module")
 def reference(base_folder):
     return reference_xl_pipeline(base_folder)
-
-
-@pytest.fixture(scope="module")
-def picture():
-    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    rgb = np.stack([np.sin(6 * x) * 0.5 + 0.5, y, np.cos(4 * x * y) * 0.5 + 0.5], axis=-1)
-    return Image.fromarray((rgb * 255).round().astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def mask():
-    m = np.zeros((SIZE, SIZE), np.uint8)
-    m[16:48, 8:40] = 255
-    return Image.fromarray(m)
 
 
 def compare(ours, expected, what):

@@ -301,8 +301,13 @@ class TimeEmbedding(nn.Module):
         if cond_BE is not None:  # LCM: the guidance scale joins the time features (no bias)
             emb = emb + nn.Dense(self.sinusoid_dim, use_bias=False, dtype=self.dtype,
                                  name="cond_proj")(cond_BE.astype(self.dtype))
-        emb = nn.silu(nn.Dense(self.dim, dtype=self.dtype, name="fc1")(emb))
-        return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(emb)
+        return _mlp(emb, self.dim, self.dtype)
+
+
+def _mlp(x, dim: int, dtype):
+    """diffusers' ``TimestepEmbedding``: fc2(SiLU(fc1(x))), as submodules of the calling module."""
+    x = nn.silu(nn.Dense(dim, dtype=dtype, name="fc1")(x))
+    return nn.Dense(dim, dtype=dtype, name="fc2")(x)
 
 
 class AddedCond(NamedTuple):
@@ -331,8 +336,7 @@ class AddedEmbedding(nn.Module):
                                      self.freq_shift)
         x = jnp.concatenate([cond.text_embeds.astype(jnp.float32), ids_BNS.reshape(B, N * self.sinusoid_dim)],
                             axis=-1).astype(self.dtype)                        # [B, P + N * 256]
-        x = nn.silu(nn.Dense(self.dim, dtype=self.dtype, name="fc1")(x))
-        return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x)
+        return _mlp(x, self.dim, self.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
