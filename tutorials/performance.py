@@ -226,5 +226,5 @@ for what, s, note in table:
 # A GPU changes the proportions, not the lessons: compilation still happens once per shape, the
 # scan still removes the host from the loop, and bfloat16 becomes the fast path. jaxsd's measured
 # figures live in `benchmarks/RESULTS.md`, side by side with diffusers on the same machine. So far
-# they are CPU figures only (SD 1.5's UNet, one guided step: jaxsd 0.97-1.09x diffusers' time on a
+# they are CPU figures only (SD 1.5's UNet, one guided step: jaxsd 1.08-1.20x diffusers' time on a
 # 2-core AMD EPYC); no GPU figure has been measured yet, and none is quoted here.

@@ -52,17 +52,10 @@ class Conv(nn.Module):
 
     y[b, i, j, o] = bias[o] + sum_{di, dj, c} x_pad[b, s*i + di, s*j + dj, c] * kernel[di, dj, c, o]
 
-    The arithmetic is ``lax.conv_general_dilated``'s; only the kernel XLA runs differs, chosen
-    from the shapes when the program is traced (SD 1.5's shapes, batch 2, against PyTorch's
-    oneDNN convolution on a 2-core CPU: benchmarks/RESULTS.md, ``benchmarks/op_census.py``):
-
-    - a 1x1 kernel is a matrix product over the channels, [B*H*W, C_in] @ [C_in, C_out]
-      (XLA's CPU convolution took 1.3-1.6x PyTorch's time there, its matmul 0.9-1.25x);
-    - on CPU, a kxk kernel with at most ``GEMM_MAX_ROWS`` output pixels in the batch (SD's 8x8
-      and 16x16 levels) runs as one matmul over gathered patches ("im2col"),
-      [B*H_out*W_out, k*k*C_in] @ [k*k*C_in, C_out]: 0.5-1.06x PyTorch's time where XLA's
-      convolution took 1.2-1.7x. With more rows the patch copy costs more than it saves, and
-      ``lax.conv_general_dilated`` runs (on GPU always: cuDNN).
+    One ``lax.conv_general_dilated`` (cuDNN on GPU, XLA's own kernel on CPU). Faster CPU kernels
+    were tried (``benchmarks/conv_ab.py``): a 1x1 kernel as a matmul gained nothing (XLA already
+    runs it as one), and small 3x3 maps as an im2col matmul gained 10-14% but crashed XLA's CPU
+    compiler in CI, so they are not used (benchmarks/RESULTS.md).
     """
     features: int
     kernel_size: int = 3
@@ -77,40 +70,13 @@ class Conv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, C_in, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x_BHWC, kernel, bias = x_BHWC.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        if k == 1 and s == 1 and self.padding == ((0, 0), (0, 0)):
-            y_BHWO = jnp.einsum("bhwc,co->bhwo", x_BHWC, kernel[0, 0])
-        else:
-            (top, bottom), (left, right) = self.padding
-            B, H, W, _ = x_BHWC.shape
-            rows = B * ((H + top + bottom - k) // s + 1) * ((W + left + right - k) // s + 1)
-            conv = lambda x, w: _lax_conv(x, w, s, self.padding)
-            if rows <= GEMM_MAX_ROWS:
-                y_BHWO = jax.lax.platform_dependent(
-                    x_BHWC, kernel, cpu=lambda x, w: _patch_matmul_conv(x, w, s, self.padding), default=conv)
-            else:
-                y_BHWO = conv(x_BHWC, kernel)
+        y_BHWO = _lax_conv(x_BHWC, kernel, s, self.padding)
         return y_BHWO + bias
-
-
-GEMM_MAX_ROWS = 512  # output pixels (batch included) up to which a CPU convolution runs as im2col
 
 
 def _lax_conv(x_BHWC, kernel_kkIO, stride: int, padding):
     return jax.lax.conv_general_dilated(x_BHWC, kernel_kkIO, (stride, stride), padding,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _patch_matmul_conv(x_BHWC, kernel_kkIO, stride: int, padding):
-    """The same convolution as one matrix product over the k*k shifted copies of the input."""
-    k, _, C_in, C_out = kernel_kkIO.shape
-    x_BHWC = jnp.pad(x_BHWC, ((0, 0), *padding, (0, 0)))
-    B, H, W, _ = x_BHWC.shape
-    H_out, W_out = (H - k) // stride + 1, (W - k) // stride + 1
-    # patches[b, i, j, (di, dj, c)] = x[b, s*i + di, s*j + dj, c]: the kernel's own HWI order
-    patches = jnp.concatenate([x_BHWC[:, di:di + stride * (H_out - 1) + 1:stride,
-                                      dj:dj + stride * (W_out - 1) + 1:stride, :]
-                               for di in range(k) for dj in range(k)], axis=-1)
-    return jnp.einsum("bhwp,po->bhwo", patches, kernel_kkIO.reshape(k * k * C_in, C_out))
 
 
 def conv3x3(features: int, dtype: Dtype, name: str | None = None, stride: int = 1,
