@@ -19,9 +19,10 @@ DIFFUSERS = {
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}),
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    # The sampler's name chooses the algorithm, whatever algorithm_type the config was saved with.
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "dpmpp_2s": ("DPMSolverSinglestepScheduler", {}),
+    "dpmpp_2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),

@@ -13,6 +13,10 @@ Measured (diffusers 0.42, schedules in float32 on both sides): 1e-7..2.5e-6 for 
 case, up to 1e-5 where a step divides by a tiny sigma ((x - x0)/sigma amplifies rounding on both
 sides). The exceptions are documented at DPM2_A_N2 and in test_trajectory_matches_diffusers_cosine.
 """
+import json
+import re
+
+import diffusers
 import numpy as np
 import pytest
 import jax
@@ -599,3 +603,137 @@ def test_empty_config_takes_each_classes_defaults(name):
     scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
     err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
     assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
+
+
+# --- Configs as users have them: saved by any class, read by any sampler -----------------------
+
+def compare_with_diffusers(name, raw, num_steps, tol=RTOL, diffusers_last_step_inf=False):
+    """The whole trajectory of `name` on the config dict `raw` against diffusers' class for
+    `name` built with from_config(raw): timesteps within T_ATOL, latents within tol.
+    `diffusers_last_step_inf`: UniPC's higher-order step to sigma = 0, where diffusers divides by
+    zero (test_unipc_higher_order_step_to_zero_is_first_order): the last evaluation is finite
+    here and not compared."""
+    cfg = ScheduleConfig.from_config(raw)
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=num_steps,
+                          schedule=cfg, key=KEY, return_trajectory=True)
+    trajectory = np.asarray(out.trajectory)
+    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(len(trajectory))])
+    ref, ref_t = diffusers_loop(name, raw, num_steps, LATENTS, noises)
+    assert trajectory.shape == ref.shape
+    np.testing.assert_allclose(sampling.make_plan(name, num_steps, cfg).timesteps, ref_t, atol=T_ATOL)
+    if diffusers_last_step_inf:
+        assert np.isfinite(trajectory[-1]).all() and not np.isfinite(ref[-1]).all()
+        trajectory, ref = trajectory[:-1], ref[:-1]
+    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
+    err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
+    assert err.max() <= tol, f"{name}: evaluation {err.argmax()}: relative error {err.max():.2e}"
+
+
+@pytest.mark.parametrize("option", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+@pytest.mark.parametrize("name", KARRAS)
+def test_config_sigma_range_matches_diffusers(name, option):
+    """sigma_min / sigma_max in a config bound the Karras, exponential and beta sigmas of every
+    sampler that has them: diffusers' conversions read the keys from any config that holds them
+    (declared by Euler, kept by from_config for the others), except the Karras conversion of
+    LMSDiscrete and DPMSolverSDE, which spans the training sigmas. The range moves the result
+    far beyond the bound (checked: it is not the training range's schedule)."""
+    raw = dict(CONFIGS["sd1"], sigma_min=0.1, sigma_max=10.0, **{option: True})
+    compare_with_diffusers(name, raw, 8)
+    plan = sampling.make_plan(name, 8, ScheduleConfig.from_config(raw))
+    plain = sampling.make_plan(name, 8, ScheduleConfig.from_config(dict(CONFIGS["sd1"], **{option: True})))
+    ignored = name in ("lms", "dpmpp_sde") and option == "use_karras_sigmas"
+    assert np.array_equal(plan.timesteps, plain.timesteps) == ignored
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(sigma_min=0.0), r"sigma_min=0.0 must be a positive number"),
+    (dict(sigma_max="10"), r"sigma_max='10' must be a positive number"),
+    (dict(sigma_min=5.0, sigma_max=1.0), r"sigma_min=5.0 must be below sigma_max=1.0"),
+])
+def test_bad_sigma_range_is_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleConfig.from_config(dict(CONFIGS["sd1"], use_karras_sigmas=True, **options))
+
+
+def saved_config(cls_name, overrides, tmp_path, base=None):
+    """A config as diffusers' save_config writes it for `cls_name` (SD 1.5's values)."""
+    scheduler = getattr(diffusers, cls_name).from_config(base or CONFIGS["sd1"], **overrides)
+    scheduler.save_config(tmp_path)
+    return json.loads((tmp_path / "scheduler_config.json").read_text())
+
+
+@pytest.mark.parametrize("name", DIFFUSERS)
+def test_saved_config_of_every_class_gives_its_sampler(name, tmp_path):
+    """A checkpoint's scheduler_config.json written by each diffusers class (with its
+    algorithm_type, solver_type, ...): the default sampler is that class's, and it runs as
+    diffusers runs it (DEIS and DPM-Solver SDE configs were refused before: algorithm_type)."""
+    raw = saved_config(*DIFFUSERS[name], tmp_path)
+    assert sampling.default_sampler(raw) == name
+    compare_with_diffusers(name, raw, 6)
+
+
+# Each solver family's config (its solver_type and algorithm_type) read by every other family's
+# sampler: diffusers replaces another family's solver_type by the class's default (midpoint,
+# bh2, logrho), and the sampler's name chooses the algorithm.
+SOLVERS = ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s", "unipc", "deis"]
+
+
+@pytest.mark.parametrize("saved_by,other", [(a, b) for a in SOLVERS for b in SOLVERS if a != b])
+def test_config_saved_by_another_solver_matches_diffusers(saved_by, other, tmp_path):
+    raw = saved_config(*DIFFUSERS[saved_by], tmp_path)
+    raw["solver_type"] = {"dpmpp_2m": "midpoint", "dpmpp_2m_sde": "midpoint", "dpmpp_2s": "midpoint",
+                          "unipc": "bh2", "deis": "logrho"}[saved_by]  # written by every class
+    if other == "deis" and raw.get("algorithm_type") == "sde-dpmsolver++":
+        # diffusers' DEIS refuses an SDE config; jaxsd's deis runs DEIS, as its name says
+        raw = dict(raw, algorithm_type="dpmsolver++")
+    # DPMSolverSinglestep saves lower_order_final=False (its default), which UniPC then reads
+    compare_with_diffusers(other, raw, 6, diffusers_last_step_inf=(
+        other == "unipc" and raw.get("lower_order_final") is False))
+
+
+@pytest.mark.parametrize("cls_name,algorithm,expected", [
+    ("DPMSolverMultistepScheduler", "sde-dpmsolver++", "dpmpp_2m_sde"),
+    ("DPMSolverMultistepScheduler", "deis", "dpmpp_2m"),       # diffusers: deis -> dpmsolver++
+    ("DPMSolverSinglestepScheduler", "deis", "dpmpp_2s"),
+    ("DEISMultistepScheduler", "dpmsolver++", "deis"),         # diffusers: -> deis
+    ("DPMSolverMultistepScheduler", "dpmsolver", None),        # DPM-Solver (noise form): none here
+    ("DPMSolverMultistepScheduler", "sde-dpmsolver", None),
+    ("DPMSolverSinglestepScheduler", "sde-dpmsolver++", None),  # diffusers' SDE singlestep
+    ("DEISMultistepScheduler", "sde-dpmsolver++", None),       # diffusers refuses it too
+])
+def test_default_sampler_reads_algorithm_type(cls_name, algorithm, expected):
+    config = dict(CONFIGS["sd1"], _class_name=cls_name, algorithm_type=algorithm)
+    ScheduleConfig.from_config(config)  # a value diffusers has is read
+    if expected is None:
+        with pytest.raises(ValueError, match=re.escape(f"{cls_name}(algorithm_type='{algorithm}') has no jaxsd sampler")):
+            sampling.default_sampler(config)
+    else:
+        assert sampling.default_sampler(config) == expected
+
+
+def test_unknown_algorithm_type_is_refused():
+    with pytest.raises(ValueError, match=r"algorithm_type='dpmsolver\+\+\+' is not supported; choose one of"):
+        ScheduleConfig.from_config(dict(CONFIGS["sd1"], algorithm_type="dpmsolver+++"))
+
+
+def test_ddim_eta_one_zero_snr_is_finite():
+    """DDIM with eta = 1 on a zero-terminal-SNR schedule: at the first step a_t = 0, so
+    1 - a_prev - sigma_t^2 is exactly 0 and its float32 value can come out negative; diffusers'
+    sqrt then gives NaN (here at 13 of the step counts 1..30, 2 and 10 among the finite ones).
+    jaxsd clamps the argument at 0: finite at every count, and where diffusers is finite the two
+    agree within the rounding of that root, sqrt(one float32 ulp of 1) = 2.4e-4 of the scale."""
+    raw = dict(CONFIGS["sd1"], rescale_betas_zero_snr=True, timestep_spacing="trailing",
+               prediction_type="v_prediction")
+    cfg = ScheduleConfig.from_config(raw)
+    compared = 0
+    for n in range(1, 31):
+        out = np.asarray(sampling.sample(jax_model, jnp.asarray(LATENTS), sampler="ddim", num_steps=n,
+                                         schedule=cfg, key=KEY, eta=1.0).latents)
+        assert np.isfinite(out).all(), f"{n} steps"
+        noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(n)])
+        ref, _ = diffusers_loop("ddim", raw, n, LATENTS, noises, eta=1.0)
+        if np.isfinite(ref[-1]).all():
+            compared += 1
+            err = np.abs(out - ref[-1]).max() / max(1.0, np.abs(ref[-1]).max())
+            assert err <= 3e-4, f"{n} steps: relative error {err:.2e}"
+    assert compared >= 10

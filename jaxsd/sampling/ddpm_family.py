@@ -70,8 +70,11 @@ def ddim_step(state: LatentState, model_output, c, noise) -> LatentState:
     x0 = dynamic_threshold(x0, c)
     eps = c["eps_x"] * x + c["eps_out"] * model_output
     std = c["eta"] * jnp.sqrt(c["variance"])
-    # x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z
-    x = jnp.sqrt(c["a_prev"]) * x0 + jnp.sqrt(1 - c["a_prev"] - std**2) * eps + std * noise
+    # x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z. With eta = 1 and
+    # a_t = 0 (zero terminal SNR) the root's argument is exactly 0, and float32 rounding can make
+    # it negative (diffusers: NaN at some step counts); it is never negative, so clamp at 0.
+    direction = jnp.sqrt(jnp.maximum(1 - c["a_prev"] - std**2, 0.0))
+    x = jnp.sqrt(c["a_prev"]) * x0 + direction * eps + std * noise
     return LatentState(x=x)
 
 

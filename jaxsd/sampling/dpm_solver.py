@@ -38,8 +38,8 @@ def init_multistep_state(x):
 def dpm_timesteps_and_sigmas(cfg, num_steps, *, spacing, singlestep=False, unipc=False):
     """Timesteps [N] (integers) and sigmas [N + 1] as DPMSolver{Multi,Single}stepScheduler set them.
 
-    `unipc`: UniPC/DEIS variant (sigma_min/sigma_max from the config, and a "sigma_min" final
-    sigma that repeats the last custom sigma)."""
+    `unipc`: UniPC/DEIS variant (a "sigma_min" final sigma that repeats the last custom sigma,
+    and their own rounding of custom timesteps)."""
     T = cfg.num_train_timesteps
     sig_train = S.train_sigmas(cfg)
     lambdas = -np.log(sig_train)  # log(alpha/sigma_vp) = -log(Karras sigma)
@@ -55,7 +55,7 @@ def dpm_timesteps_and_sigmas(cfg, num_steps, *, spacing, singlestep=False, unipc
     if cfg.timesteps is not None:  # explicit timesteps (Karras & co. are refused with them)
         t = np.asarray(cfg.timesteps).astype(np.int64)
     rounds = cfg.beta_schedule != "squaredcos_cap_v2" or singlestep or unipc
-    custom = S.convert_sigmas(cfg, sig_train[::-1], N, config_range=unipc)
+    custom = S.convert_sigmas(cfg, sig_train[::-1], N)
     if not singlestep and cfg.use_lu_lambdas:
         # Lu et al. 2022b: steps uniform in log sigma (diffusers' "lu lambdas", rho = 1).
         custom = np.exp(np.linspace(np.log(sig_train[-1]), np.log(sig_train[0]), N))
@@ -83,7 +83,7 @@ def _dpm_check(cfg, name, orders=(2,)):
     require(cfg, name, "DPMSolverMultistepScheduler" if name != "dpmpp_2s" else
             "DPMSolverSinglestepScheduler", sigmas=True, rescale=name != "dpmpp_2s",
             threshold=True, custom=("timesteps",), orders=orders)
-    if (cfg.solver_type or "midpoint") != "midpoint":
+    if S.solver_type_for(cfg, "dpm") != "midpoint":
         raise ValueError(f"sampler {name!r} implements solver_type='midpoint' only; "
                          f"got {cfg.solver_type!r}")
 
@@ -248,7 +248,7 @@ def dpmpp_sde_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     exactly only when the same noise is injected (as the tests do)."""
     require(cfg, "dpmpp_sde", "DPMSolverSDEScheduler",
             prediction_types=("epsilon", "v_prediction"), sigmas=True)
-    t, s, init = _k_sigmas(cfg, num_steps)
+    t, s, init = _k_sigmas(cfg, num_steps, karras_config_range=False)
     N = num_steps
     s_k, s_next = s[:-1], s[1:]
     s_mid = np.sqrt(s_k * s_next)  # sigma at the midpoint in t = -log sigma

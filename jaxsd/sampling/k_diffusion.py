@@ -50,7 +50,7 @@ def k_step(state: KState, model_output, c, noise) -> KState:
     return KState(x=x_new, x_saved=jnp.where(second, state.x_saved, x), d_saved=d)
 
 
-def _k_sigmas(cfg, num_steps, *, config_range=False, round_custom=False, final_sigma=0.0,
+def _k_sigmas(cfg, num_steps, *, karras_config_range=True, round_custom=False, final_sigma=0.0,
               log_linear=False):
     """Timesteps [N] and sigmas [N + 1] (last = final_sigma) as diffusers' k-schedulers set them.
 
@@ -58,6 +58,8 @@ def _k_sigmas(cfg, num_steps, *, config_range=False, round_custom=False, final_s
     log sigma from sigma_max to sigma_min, the training range, while the timesteps keep their
     spacing; diffusers appends final_sigma after them, but its N steps never reach it, so the
     last step ends at sigma_min.
+    `karras_config_range=False`: Karras sigmas span the training sigmas even where the config
+    gives sigma_min / sigma_max (diffusers' LMSDiscrete and DPMSolverSDE; schedule.convert_sigmas).
     """
     spacing = cfg.timestep_spacing or "linspace"
     t = S.spaced_timesteps(spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset,
@@ -76,7 +78,7 @@ def _k_sigmas(cfg, num_steps, *, config_range=False, round_custom=False, final_s
         sigmas = np.exp(np.linspace(logs[-1], logs[0], num_steps + 1).astype(f32)).astype(np.float64)
     else:
         sigmas = S.interp_sigmas(t, sig_train)
-    custom = S.convert_sigmas(cfg, sigmas, num_steps, config_range=config_range)
+    custom = S.convert_sigmas(cfg, sigmas, num_steps, karras_config_range=karras_config_range)
     if custom is not None:
         sigmas = custom
         t = S.sigma_to_t(sigmas, sig_train)
@@ -114,7 +116,7 @@ def euler_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     final = (cfg.final_sigmas_type or "zero")
     S._check_choice("final_sigmas_type", final, ("zero", "sigma_min"))
     last = S.train_sigmas(cfg)[0] if final == "sigma_min" else 0.0
-    t, s, init = _k_sigmas(cfg, num_steps, config_range=True, final_sigma=last,
+    t, s, init = _k_sigmas(cfg, num_steps, final_sigma=last,
                            log_linear=cfg.interpolation_type == "log_linear")
     if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
         # EDM-style models take c_noise = log(sigma) / 4 (Karras et al. 2022 Table 1), not t.
@@ -247,7 +249,7 @@ def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> np.ndarray:
 def lms_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """LMSDiscreteScheduler (order 4): the weights are computed here, once, outside jit."""
     require(cfg, "lms", "LMSDiscreteScheduler", sigmas=True)
-    t, s, init = _k_sigmas(cfg, num_steps)
+    t, s, init = _k_sigmas(cfg, num_steps, karras_config_range=False)
     x0_x, x0_out = k_x0_coefficients(cfg.prediction_type, s[:-1])
     # diffusers uses order min(i + 1, 4) by the step's index, whatever history exists (img2img).
     coeffs = np.stack([lms_coefficients(s, i, min(i + 1, 4)) for i in range(num_steps)])

@@ -103,15 +103,32 @@ SAMPLER_OF_SCHEDULER = {
 }
 
 
+# The algorithm_type values each class runs as jaxsd samplers (diffusers' __init__ turns "deis"
+# into "dpmsolver++" for the DPM-Solvers and "dpmsolver"/"dpmsolver++" into "deis" for DEIS).
+# jaxsd has no DPM-Solver (noise-prediction) samplers, nor the SDE form of the singlestep one.
+SAMPLER_OF_ALGORITHM = {
+    "DPMSolverMultistepScheduler": {"dpmsolver++": "dpmpp_2m", "deis": "dpmpp_2m",
+                                    "sde-dpmsolver++": "dpmpp_2m_sde"},
+    "DPMSolverSinglestepScheduler": {"dpmsolver++": "dpmpp_2s", "deis": "dpmpp_2s"},
+    "DEISMultistepScheduler": {"deis": "deis", "dpmsolver": "deis", "dpmsolver++": "deis"},
+}
+
+
 def default_sampler(scheduler_config: dict) -> str:
     """The jaxsd sampler that reproduces the checkpoint's own diffusers scheduler."""
     name = scheduler_config.get("_class_name")
-    if name == "DPMSolverMultistepScheduler" and \
-            scheduler_config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++":
-        return "dpmpp_2m_sde"
     if name not in SAMPLER_OF_SCHEDULER:
         raise ValueError(f"the checkpoint's scheduler _class_name={name!r} has no jaxsd sampler; "
                          f"known: {sorted(SAMPLER_OF_SCHEDULER)}. Pass scheduler=... explicitly")
+    if name in SAMPLER_OF_ALGORITHM:
+        by_algorithm = SAMPLER_OF_ALGORITHM[name]
+        algorithm = scheduler_config.get("algorithm_type", "deis" if name == "DEISMultistepScheduler"
+                                         else "dpmsolver++")
+        if algorithm not in by_algorithm:
+            raise ValueError(f"the checkpoint's scheduler {name}(algorithm_type={algorithm!r}) has no "
+                             f"jaxsd sampler; jaxsd runs {name} with algorithm_type in "
+                             f"{sorted(by_algorithm)}")
+        return by_algorithm[algorithm]
     return SAMPLER_OF_SCHEDULER[name]
 
 

@@ -50,8 +50,8 @@ class ScheduleConfig:
     use_karras_sigmas: bool = False  # Karras et al. 2022 eq. 5 sigmas (rho = 7)
     use_exponential_sigmas: bool = False  # sigmas uniform in log sigma
     use_beta_sigmas: bool = False  # Lee et al. 2024 beta(0.6, 0.6) sigmas
-    sigma_min: float | None = None  # Euler/UniPC: lower end of Karras/exponential/beta sigmas
-    sigma_max: float | None = None  # Euler/UniPC: upper end
+    sigma_min: float | None = None  # lower end of Karras/exponential/beta sigmas (None: training's)
+    sigma_max: float | None = None  # upper end (None: the training schedule's largest sigma)
     final_sigmas_type: str | None = None  # last sigma: "zero" (default) or "sigma_min"
     interpolation_type: str = "linear"  # Euler: sigmas at timesteps by "linear" interp, or "log_linear"
     timestep_type: str = "discrete"  # Euler: "continuous" passes log(sigma) / 4 to a v-prediction model
@@ -59,7 +59,8 @@ class ScheduleConfig:
     euler_at_final: bool = False  # DPM-Solver multistep: always first order at the last step
     lambda_min_clipped: float = -math.inf  # DPM-Solver: clip the smallest log-SNR
     use_lu_lambdas: bool = False  # DPM-Solver multistep: Lu et al. 2022 uniform-lambda steps
-    solver_type: str | None = None  # UniPC "bh1"/"bh2" (default bh2); DPM-Solver "midpoint" only
+    solver_type: str | None = None  # UniPC "bh1"/"bh2" (default bh2); DPM-Solver "midpoint" only;
+    # another family's value becomes the sampler's default, as diffusers (see solver_type_for)
     solver_order: int | None = None  # multistep solvers' highest order (default 2); dpmpp_2m*: 1, 2, 3
     disable_corrector: tuple[int, ...] = ()  # UniPC: step indices that skip the corrector
     # Not config keys in diffusers but arguments of set_timesteps(timesteps=, sigmas=): an explicit
@@ -101,6 +102,8 @@ class ScheduleConfig:
                 kwargs[key] = value
             elif key.startswith("_"):
                 continue  # bookkeeping: _class_name, _diffusers_version
+            elif key == "algorithm_type":
+                _check_choice("scheduler config key algorithm_type", value, ALGORITHM_TYPES)
             elif key in _HARMLESS_AT_DEFAULT:
                 if value != _HARMLESS_AT_DEFAULT[key] and not (
                     isinstance(value, float) and math.isnan(value)):
@@ -110,7 +113,7 @@ class ScheduleConfig:
             else:
                 raise ValueError(
                     f"unknown scheduler config key {key!r} (value {value!r}); known keys: "
-                    f"{sorted(fields | set(_HARMLESS_AT_DEFAULT))}")
+                    f"{sorted(fields | set(_HARMLESS_AT_DEFAULT) | {'algorithm_type'})}")
         cfg = cls(**kwargs)
         cfg.validate()
         return cfg
@@ -169,6 +172,13 @@ class ScheduleConfig:
                     a <= b for a, b in zip(s, s[1:])):
                 raise ValueError(f"sigmas={list(s)!r} must be a strictly descending list of at least "
                                  "two non-negative numbers (N + 1 for N steps, usually ending with 0)")
+        for name in ("sigma_min", "sigma_max"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive number, or None for the "
+                                 "training schedule's own")
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min={self.sigma_min!r} must be below sigma_max={self.sigma_max!r}")
         if not (_is_number(self.dynamic_thresholding_ratio) and 0 < self.dynamic_thresholding_ratio <= 1):
             raise ValueError(f"dynamic_thresholding_ratio={self.dynamic_thresholding_ratio!r} must be a "
                              "number in (0, 1] (diffusers: 0.995)")
@@ -197,8 +207,29 @@ _HARMLESS_AT_DEFAULT = {
     "predict_x0": True,
     "solver_p": None, "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
     "time_shift_type": "exponential", "shift_terminal": None, "noise_sampler_seed": None,
-    "algorithm_type": "dpmsolver++",
 }
+
+# DPMSolverMultistep/Singlestep and DEIS write algorithm_type into their configs. In jaxsd the
+# sampler's name chooses the algorithm (dpmpp_2m and dpmpp_2s are DPM-Solver++, dpmpp_2m_sde its
+# SDE form, deis DEIS), so the key only tells `default_sampler` which sampler the checkpoint's own
+# scheduler was; these are the values diffusers has.
+ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "deis", "dpmsolver", "sde-dpmsolver")
+
+
+# The solver families' solver_type values (diffusers' __init__): DPMSolverMultistep/Singlestep
+# run midpoint or heun, UniPC bh1 or bh2, DEIS logrho. A config saved by one family and read by
+# another carries the other's value, which diffusers replaces by the reading class's default.
+SOLVER_TYPES = {"dpm": ("midpoint", "heun"), "unipc": ("bh2", "bh1"), "deis": ("logrho",)}
+
+
+def solver_type_for(cfg: ScheduleConfig, family: str) -> str:
+    """The solver_type a sampler of `family` ("dpm", "unipc", "deis") runs with this config."""
+    own = SOLVER_TYPES[family]
+    value = cfg.solver_type
+    if value is None or (value not in own and any(value in other for other in SOLVER_TYPES.values())):
+        return own[0]  # unset, or another family's: this family's default
+    _check_choice("solver_type", value, own)
+    return value
 
 
 # diffusers' defaults for beta_start / beta_end / beta_schedule, by scheduler class: the DDPM
@@ -369,11 +400,15 @@ def beta_sigmas(sigma_min: float, sigma_max: float, n: int, a: float = 0.6, b: f
 
 
 def convert_sigmas(cfg: ScheduleConfig, sigmas: np.ndarray, n: int, *,
-                   config_range: bool = False) -> np.ndarray | None:
+                   karras_config_range: bool = True) -> np.ndarray | None:
     """Karras / exponential / beta sigmas spanning `sigmas` (descending), or None if none is asked.
 
-    `config_range`: the sampler reads sigma_min/sigma_max from the config (Euler, UniPC in diffusers).
+    The span is the config's sigma_min / sigma_max where it gives them: diffusers' conversions
+    read them from any scheduler config that has the keys (`hasattr(self.config, "sigma_min")`),
+    declared or not, except the Karras conversion of LMSDiscrete and DPMSolverSDE, which always
+    spans the training sigmas (`karras_config_range=False` there).
     """
+    config_range = karras_config_range or not cfg.use_karras_sigmas
     lo = cfg.sigma_min if config_range and cfg.sigma_min is not None else float(sigmas[-1])
     hi = cfg.sigma_max if config_range and cfg.sigma_max is not None else float(sigmas[0])
     if cfg.use_karras_sigmas:

@@ -81,9 +81,7 @@ def unipc_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """
     require(cfg, "unipc", "UniPCMultistepScheduler", sigmas=True, rescale=True, threshold=True,
             orders=(1, 2, 3))
-    solver_type = cfg.solver_type or "bh2"
-    S._check_choice("solver_type", solver_type, ("bh1", "bh2"))
-    bh1 = solver_type == "bh1"
+    bh1 = S.solver_type_for(cfg, "unipc") == "bh1"
     cfg_t = dataclasses.replace(cfg, lambda_min_clipped=-math.inf, use_lu_lambdas=False)
     t, s, _ = dpm_timesteps_and_sigmas(cfg_t, num_steps, spacing=cfg.timestep_spacing or "linspace",
                                        unipc=True)
@@ -158,6 +156,7 @@ def deis_plan(cfg: S.ScheduleConfig, num_steps: int) -> Plan:
     """DEISMultistepScheduler("logrho", solver_order 1, 2 or 3). Its last sigma is sigma_min, not
     0 (as in diffusers): the result keeps the noise of the smallest training timestep."""
     require(cfg, "deis", "DEISMultistepScheduler", sigmas=True, threshold=True, orders=(1, 2, 3))
+    S.solver_type_for(cfg, "deis")  # logrho, the only one (another family's value becomes it)
     cfg_t = dataclasses.replace(cfg, lambda_min_clipped=-math.inf, use_lu_lambdas=False,
                                 final_sigmas_type="sigma_min")
     t, s, _ = dpm_timesteps_and_sigmas(cfg_t, num_steps, spacing=cfg.timestep_spacing or "linspace",
