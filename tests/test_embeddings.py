@@ -73,6 +73,23 @@ def test_embeddings_match_load_textual_inversion(sd1, sd1_folder, files):
     assert max_diff(drawn, expected) <= 2
 
 
+def test_bare_tensor_embedding_matches_load_textual_inversion(sd1, sd1_folder, tmp_path):
+    """torch.save(tensor): vectors with no name; diffusers reads it with token=..., and so does
+    jaxsd (without a token both refuse)."""
+    path = tmp_path / "bare.pt"
+    torch.save(torch.from_numpy(np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)), path)
+    ref = reference_pipeline(sd1_folder)
+    ref.load_textual_inversion(str(path), token="<bare>")
+    ours = sd1.with_embedding(path, token="<bare>", allow_pickle=True)
+    assert ours.embeddings == {"<bare>": 2}
+    for token in ("<bare>", "<bare>_1"):
+        assert ours.tokenizer.convert_tokens_to_ids(token) == ref.tokenizer.convert_tokens_to_ids(token)
+    cond, uncond = reference_embeds(ref, "a <bare> house", "")
+    assert_close(ours.encode_prompt("a <bare> house", "").cond, cond, "bare tensor prompt")
+    with pytest.raises(EmbeddingError, match=r"holds a bare tensor \(2, 32\), with no token name; pass the token"):
+        sd1.with_embedding(path, allow_pickle=True)
+
+
 def test_bad_embeddings_are_refused(sd1, files, tmp_path):
     from safetensors.numpy import save_file
 

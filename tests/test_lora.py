@@ -331,3 +331,24 @@ def test_per_component_scales_match_set_adapters_dict(sd1, sd1_folder, tmp_path)
         sd1.with_lora(path, {"vae": 1.0})
     with pytest.raises(ValueError, match="must be a real number, or a dict of them"):
         sd1.with_lora(path, {"unet": "high"})
+
+
+def test_peft_metadata_without_lora_alpha_gets_pefts_default(sd1, sd1_folder, tmp_path):
+    """A PEFT file whose metadata leaves lora_alpha out: diffusers builds peft's LoraConfig from
+    the metadata as written, so alpha is LoraConfig's default 8 (s = 8 / r), not r."""
+    from safetensors.numpy import save_file
+
+    ref = reference_pipeline(sd1_folder)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    down, up = factors(ref.unet.get_submodule(name), 4, np.random.default_rng(0))
+    path = tmp_path / "no_alpha.safetensors"
+    save_file({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up}, path,
+              metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.target_modules": [name]})})
+    sample, t, text = unet_inputs(ref.unet.config)
+    base = torch_unet(ref.unet, sample, t, text)
+    ref.load_lora_weights(path, adapter_name="a")
+    ref.fuse_lora(lora_scale=1.0)
+    adapted = sd1.with_lora(path, scale=1.0)
+    assert [u.alpha for u in read_lora(path)] == [8.0]
+    ours = adapted.unet.apply({"params": adapted.unet_params}, jnp.asarray(sample), jnp.asarray(t), jnp.asarray(text))
+    assert_close(ours, torch_unet(ref.unet, sample, t, text), base, "PEFT metadata without lora_alpha")

@@ -134,7 +134,8 @@ def test_precomputed_embeddings(base):
 
 def test_sdxl_arguments_are_checked(base, caplog):
     kw = dict(num_steps=1, height=SIZE, width=SIZE, output="latents")
-    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['prompt3'\]; SDXL's further arguments are"):
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['prompt3'\]; prompt3: not among its "
+                                        r"arguments .*; SDXL's further arguments are"):
         base.text_to_image(PROMPT, prompt3="x", **kw)
     with pytest.raises(ValueError, match=r"original_size=\(64,\) must be a pair of numbers"):
         base.text_to_image(PROMPT, original_size=(64,), **kw)
@@ -149,8 +150,8 @@ def test_sdxl_arguments_are_checked(base, caplog):
 
 
 def test_sd1_pipeline_refuses_sdxl_arguments(sd1):
-    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['prompt_2'\]: SDXL's conditioning "
-                                        r"arguments need an SDXL checkpoint; "):
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['prompt_2'\]; prompt_2: SDXL's conditioning "
+                                        r"arguments need an SDXL checkpoint, and "):
         sd1.text_to_image(PROMPT, prompt_2="x", num_steps=1)
 
 

@@ -58,7 +58,15 @@ def read_embedding(source: str | os.PathLike, *, token: str | None = None,
     else:
         raise EmbeddingError(f"{path}: expected a .safetensors file (or, with allow_pickle, .pt/.bin), "
                              f"got suffix {path.suffix!r}")
-    name, vectors = _token_and_vectors(state, path)
+    if hasattr(state, "detach"):  # torch.save(tensor): the vectors alone, no token (diffusers reads these)
+        if token is None:
+            raise EmbeddingError(f"{path} holds a bare tensor {tuple(state.shape)}, with no token name; "
+                                 "pass the token it should be, e.g. token='<my-style>'")
+        name, vectors = token, state
+    elif not isinstance(state, Mapping):
+        raise EmbeddingError(f"{path} holds a {type(state).__name__}, not a textual-inversion embedding")
+    else:
+        name, vectors = _token_and_vectors(state, path)
     if hasattr(vectors, "detach"):            # a torch tensor, from a .pt
         vectors = vectors.detach().float().numpy()
     vectors = np.asarray(vectors, np.float32)

@@ -167,6 +167,9 @@ def read_lora(source: str | os.PathLike | Mapping, *, metadata: Mapping | None =
     return updates
 
 
+PEFT_DEFAULT_ALPHA = 8.0  # peft's LoraConfig(lora_alpha=8)
+
+
 def _peft_alphas(metadata: Mapping, name: str):
     """PEFT's alpha for a module: ``lora_alpha`` / ``alpha_pattern`` from the metadata, else r."""
     text = metadata.get("lora_adapter_metadata")
@@ -175,9 +178,11 @@ def _peft_alphas(metadata: Mapping, name: str):
         raise LoraError(f"{name}: its metadata says use_dora (DoRA), which jaxsd does not apply")
 
     def alpha(component: str, module: str, rank: int) -> float:
-        if f"{component}.lora_alpha" not in config:
-            return float(rank)                       # no alpha written: s = 1, as diffusers
-        value = config[f"{component}.lora_alpha"]
+        if not any(key.startswith(f"{component}.") for key in config):
+            return float(rank)                       # no metadata for it: s = 1, as diffusers
+        # diffusers builds peft's LoraConfig from the component's metadata as written, so an
+        # alpha left out of it is LoraConfig's default, 8
+        value = config.get(f"{component}.lora_alpha", PEFT_DEFAULT_ALPHA)
         for pattern, a in (config.get(f"{component}.alpha_pattern") or {}).items():
             if re.match(rf"(.*\.)?({pattern})$", module):   # peft's get_pattern_key
                 value = a

@@ -1,10 +1,14 @@
 """Pictures in and out of the pipelines, as diffusers' ``VaeImageProcessor`` prepares them.
 
     image  PIL image(s) or uint8 / float-in-[0, 1] arrays [H, W, 3] or [B, H, W, 3]
-           -> resized with Lanczos to (height, width) -> float32 [B, H, W, 3] in [-1, 1]
+           -> resized to (height, width) -> float32 [B, H, W, 3] in [-1, 1]
     mask   PIL image(s) or arrays [H, W], [H, W, 1] or [B, H, W(, 1)]; white = repaint
-           -> resized with Lanczos -> grayscale -> binarised at 0.5 -> float32 [B, H, W, 1] in {0, 1}
+           -> resized -> grayscale -> binarised at 0.5 -> float32 [B, H, W, 1] in {0, 1}
     output float images in [-1, 1] -> uint8: round(clip(x / 2 + 1/2, 0, 1) * 255)
+
+Resizing, as diffusers does it: PIL images with Lanczos (PIL's), arrays by nearest neighbour on
+their float values (diffusers turns arrays into tensors and calls torch's F.interpolate, whose
+default mode is "nearest"). Channel-first arrays ([3, H, W], PyTorch's layout) are refused.
 
 The default size is the image's own, rounded down to a multiple of the VAE's factor (8).
 """
@@ -40,10 +44,26 @@ def _as_list(image, what: str) -> list:
         array = array.astype(np.float32)
     else:
         raise TypeError(f"{what} must be a PIL image or a NumPy array, got {type(image).__name__}")
+    _check_layout(array, what)
     # A batch: [B, H, W, C], or for masks also [B, H, W] (one [H, W, 1] or RGB [H, W, 3] mask is one).
     if array.ndim == 4 or (array.ndim == 3 and what == "mask" and array.shape[-1] not in (1, 3)):
         return list(array)
     return [array]
+
+
+def _check_layout(array: np.ndarray, what: str) -> None:
+    """Arrays are channel-last: images [H, W, 3] / [B, H, W, 3], masks [H, W(, 1)] / [B, H, W(, 1)]."""
+    layouts = ("[H, W, 3] or [B, H, W, 3]" if what == "image"
+               else "[H, W], [H, W, 1], [H, W, 3] or [B, H, W(, 1)]")
+    channels = (3,) if what == "image" else (1, 3)
+    image_rank = what == "image" and array.ndim in (3, 4)
+    if (image_rank or array.ndim == 4) and array.shape[-1] not in channels:
+        first = array.shape[-3] in channels  # [C, H, W] or [B, C, H, W]
+        hint = (": channels first, PyTorch's layout; move them last, e.g. np.moveaxis(x, -3, -1)"
+                if first else "")
+        raise ValueError(f"{what} array has shape {array.shape}; jaxsd takes {layouts}{hint}")
+    if array.ndim not in (2, 3, 4):
+        raise ValueError(f"{what} array has shape {array.shape}; jaxsd takes {layouts}")
 
 
 def image_size(image, what: str = "image") -> tuple[int, int]:
@@ -63,13 +83,25 @@ def _to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
 
 
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """The source row (or column) of each output one in torch's "nearest" F.interpolate:
+    min(floor(i * scale), size_in - 1) with scale = size_in / size_out, in float32 as torch
+    computes it (output i of an exact 2x upscale reads i // 2)."""
+    if size_out == size_in:
+        return np.arange(size_out)
+    if size_out == 2 * size_in:
+        return np.arange(size_out) // 2
+    scale = np.float32(size_in) / np.float32(size_out)
+    return np.minimum(np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64), size_in - 1)
+
+
 def _resize(item, height: int, width: int):
-    """Lanczos resize (PIL), as diffusers' default; arrays of the right size are used as they are."""
+    """PIL images: Lanczos (diffusers' default resample). Arrays: nearest neighbour on the float
+    values, as diffusers resizes arrays (torch's F.interpolate); the right size is kept as it is."""
     if isinstance(item, Image.Image):
         return item.resize((width, height), resample=Image.LANCZOS)
-    if item.shape[:2] == (height, width):
-        return item
-    return _to_pil(item).resize((width, height), resample=Image.LANCZOS)
+    rows, cols = nearest_indices(item.shape[0], height), nearest_indices(item.shape[1], width)
+    return item[rows][:, cols]
 
 
 def prepare_image(image, height: int, width: int) -> np.ndarray:

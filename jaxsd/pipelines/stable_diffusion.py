@@ -82,6 +82,30 @@ def check_side(name: str, value, vae_factor: int, latent_multiple: int) -> None:
         example = min(max(m, value // m * m), MAX_SIDE // m * m)
         raise ValueError(f"{name}{value} must be {rule}; e.g. {example}")
 
+# diffusers' names for arguments jaxsd spells differently: an unexpected argument of one of these
+# names is answered with jaxsd's.
+DIFFUSERS_NAMES = {
+    "num_inference_steps": "num_steps",
+    "num_images_per_prompt": "batch_size (the number of images in all: n x the number of prompts)",
+    "generator": "seed (an integer, or a list of one per image)",
+    "output_type": 'output ("images", "latents" or "trajectory")',
+    "mask_image": "mask (the second positional argument of inpaint)",
+}
+
+
+def unexpected_arguments(kind: str, names, why: dict | None = None) -> str:
+    """The TypeError message for keyword arguments that ``kind()`` does not take; ``why`` gives
+    the reason for names the caller knows more about (SDXL's arguments on an SD 1.x pipeline)."""
+    names, why = sorted(names), why or {}
+    parts = [f"{n}: {why[n]}" if n in why else f"{n} is {DIFFUSERS_NAMES[n]} in jaxsd"
+             for n in names if n in why or n in DIFFUSERS_NAMES]
+    others = [n for n in names if n not in why and n not in DIFFUSERS_NAMES]
+    if others:
+        parts.append(f"{', '.join(others)}: not among its arguments (help(StableDiffusion.{kind}) "
+                     f"lists them)")
+    return f"{kind}() got unexpected argument(s) {names}; " + "; ".join(parts)
+
+
 class StableDiffusion:
     """A loaded checkpoint: the modules, their parameters, the tokenizer and the schedule."""
 
@@ -553,13 +577,16 @@ class StableDiffusion:
     def _default(self, kind: str, name: str, value):
         return self.DEFAULTS[kind][name] if value is None else value
 
+    CONDITIONING_NAMES: tuple = ()  # a family's further keyword arguments (SDXL: prompt_2, ...)
+
     def _encode(self, kind, height, width, conditioning, prompt, negative_prompt, **kw) -> PromptEmbeddings:
         """The prompt embeddings for one call of ``kind`` at height x width: SD 1.x/2.x take
         none of SDXL's ``conditioning`` arguments (StableDiffusionXL overrides this)."""
         if conditioning:
-            raise TypeError(f"{kind}() got unexpected argument(s) {sorted(conditioning)}: SDXL's "
-                            f"conditioning arguments need an SDXL checkpoint; {self.source!r} is "
-                            f"{self.info_architecture()}")
+            sdxl = {name for family in self._families() for name in family.CONDITIONING_NAMES}
+            why = {name: f"SDXL's conditioning arguments need an SDXL checkpoint, and {self.source!r} "
+                         f"is {self.info_architecture()}" for name in set(conditioning) & sdxl}
+            raise TypeError(unexpected_arguments(kind, conditioning, why))
         return self.encode_prompt(prompt, negative_prompt, **kw)
 
     def _encode_images(self, pixels, key, B: int, what: str = "image"):

@@ -30,7 +30,7 @@ from jaxsd.checkpoints.tokenizer import tokenize
 from jaxsd.models.unet import AddedCond
 from jaxsd.pipelines import encoding
 from jaxsd.pipelines.encoding import PromptEmbeddings, XLConditioning
-from jaxsd.pipelines.stable_diffusion import StableDiffusion, _is_real
+from jaxsd.pipelines.stable_diffusion import StableDiffusion, _is_real, unexpected_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class StableDiffusionXL(StableDiffusion):
     - ``aesthetic_score``, ``negative_aesthetic_score``: the refiner's, 6.0 and 2.5.
     """
 
+    CONDITIONING_NAMES = tuple(CONDITIONING)
     DEFAULTS = {"text_to_image": {"guidance_scale": 5.0},
                 "image_to_image": {"guidance_scale": 5.0, "strength": 0.3},
                 "inpaint": {"guidance_scale": 7.5, "strength": 0.9999}}
@@ -201,7 +202,7 @@ class StableDiffusionXL(StableDiffusion):
     def _encode(self, kind, height, width, conditioning, prompt, negative_prompt, **kw) -> PromptEmbeddings:
         unknown = sorted(set(conditioning) - set(CONDITIONING))
         if unknown:
-            raise TypeError(f"{kind}() got unexpected argument(s) {unknown}; SDXL's further arguments "
+            raise TypeError(f"{unexpected_arguments(kind, unknown)}; SDXL's further arguments "
                             f"are {list(CONDITIONING)}")
         if kind == "text_to_image" and self.requires_aesthetics_score:
             raise ValueError(f"{self.source!r} is an SDXL refiner (requires_aesthetics_score): it refines "
