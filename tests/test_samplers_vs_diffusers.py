@@ -160,6 +160,28 @@ def test_ddim_ddpm_eta_and_clip(name):
     np.testing.assert_allclose(out.trajectory, ref, rtol=0, atol=RTOL * np.abs(ref).max())
 
 
+def compare_with_diffusers(name, raw, num_steps, tol=RTOL, diffusers_last_step_inf=False):
+    """The whole trajectory of `name` on the config dict `raw` against diffusers' class for
+    `name` built with from_config(raw): timesteps within T_ATOL, latents within tol.
+    `diffusers_last_step_inf`: UniPC's higher-order step to sigma = 0, where diffusers divides by
+    zero (test_unipc_higher_order_step_to_zero_is_first_order): the last evaluation is finite
+    here and not compared."""
+    cfg = ScheduleConfig.from_config(raw)
+    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=num_steps,
+                          schedule=cfg, key=KEY, return_trajectory=True)
+    trajectory = np.asarray(out.trajectory)
+    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(len(trajectory))])
+    ref, ref_t = diffusers_loop(name, raw, num_steps, LATENTS, noises)
+    assert trajectory.shape == ref.shape
+    np.testing.assert_allclose(sampling.make_plan(name, num_steps, cfg).timesteps, ref_t, atol=T_ATOL)
+    if diffusers_last_step_inf:
+        assert np.isfinite(trajectory[-1]).all() and not np.isfinite(ref[-1]).all()
+        trajectory, ref = trajectory[:-1], ref[:-1]
+    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
+    err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
+    assert err.max() <= tol, f"{name}: evaluation {err.argmax()}: relative error {err.max():.2e}"
+
+
 @pytest.mark.parametrize("name,options", [
     ("euler", dict(final_sigmas_type="sigma_min")),
     ("euler", dict(use_exponential_sigmas=True)),
@@ -175,16 +197,7 @@ def test_ddim_ddpm_eta_and_clip(name):
     ("unipc", dict(disable_corrector=[2])),
 ])
 def test_config_options_match_diffusers(name, options):
-    raw = dict(CONFIGS["sd1"], **options)
-    cfg = ScheduleConfig.from_config(raw)
-    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=7,
-                          schedule=cfg, key=KEY, return_trajectory=True)
-    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(7)])
-    ref, ref_t = diffusers_loop(name, raw, 7, LATENTS, noises)
-    np.testing.assert_allclose(sampling.make_plan(name, 7, cfg).timesteps, ref_t, atol=T_ATOL)
-    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
-    err = np.abs(np.asarray(out.trajectory) - ref).max(axis=(1, 2, 3, 4)) / scale
-    assert err.max() <= RTOL, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
+    compare_with_diffusers(name, dict(CONFIGS["sd1"], **options), 7)
 
 
 OPTIONS = [
@@ -233,18 +246,8 @@ def test_third_order_is_not_second_order():
 @pytest.mark.parametrize("config", ["sd1", "sd2_v", "linear_1100"])
 @pytest.mark.parametrize("name,options", OPTIONS)
 def test_options_match_diffusers_at_every_step_count(name, options, config, num_steps):
-    raw = dict(CONFIGS[config], **options)
-    cfg = ScheduleConfig.from_config(raw)
-    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=num_steps,
-                          schedule=cfg, key=KEY, return_trajectory=True)
-    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(len(out.trajectory))])
-    ref, ref_t = diffusers_loop(name, raw, num_steps, LATENTS, noises)
-    assert out.trajectory.shape == ref.shape
-    np.testing.assert_allclose(sampling.make_plan(name, num_steps, cfg).timesteps, ref_t, atol=T_ATOL)
-    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
-    err = np.abs(np.asarray(out.trajectory) - ref).max(axis=(1, 2, 3, 4)) / scale
     tol = DEIS3_F32 if name == "deis" and options.get("solver_order") == 3 and num_steps == 50 else RTOL
-    assert err.max() <= tol, f"evaluation {err.argmax()}: relative error {err.max():.2e}"
+    compare_with_diffusers(name, dict(CONFIGS[config], **options), num_steps, tol)
 
 
 @pytest.mark.parametrize("num_steps", STEPS)
@@ -606,28 +609,6 @@ def test_empty_config_takes_each_classes_defaults(name):
 
 
 # --- Configs as users have them: saved by any class, read by any sampler -----------------------
-
-def compare_with_diffusers(name, raw, num_steps, tol=RTOL, diffusers_last_step_inf=False):
-    """The whole trajectory of `name` on the config dict `raw` against diffusers' class for
-    `name` built with from_config(raw): timesteps within T_ATOL, latents within tol.
-    `diffusers_last_step_inf`: UniPC's higher-order step to sigma = 0, where diffusers divides by
-    zero (test_unipc_higher_order_step_to_zero_is_first_order): the last evaluation is finite
-    here and not compared."""
-    cfg = ScheduleConfig.from_config(raw)
-    out = sampling.sample(jax_model, jnp.asarray(LATENTS), sampler=name, num_steps=num_steps,
-                          schedule=cfg, key=KEY, return_trajectory=True)
-    trajectory = np.asarray(out.trajectory)
-    noises = np.stack([sampling.step_noise(KEY, i, LATENTS.shape) for i in range(len(trajectory))])
-    ref, ref_t = diffusers_loop(name, raw, num_steps, LATENTS, noises)
-    assert trajectory.shape == ref.shape
-    np.testing.assert_allclose(sampling.make_plan(name, num_steps, cfg).timesteps, ref_t, atol=T_ATOL)
-    if diffusers_last_step_inf:
-        assert np.isfinite(trajectory[-1]).all() and not np.isfinite(ref[-1]).all()
-        trajectory, ref = trajectory[:-1], ref[:-1]
-    scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4)))
-    err = np.abs(trajectory - ref).max(axis=(1, 2, 3, 4)) / scale
-    assert err.max() <= tol, f"{name}: evaluation {err.argmax()}: relative error {err.max():.2e}"
-
 
 @pytest.mark.parametrize("option", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
 @pytest.mark.parametrize("name", KARRAS)

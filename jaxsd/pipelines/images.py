@@ -53,17 +53,15 @@ def _as_list(image, what: str) -> list:
 
 def _check_layout(array: np.ndarray, what: str) -> None:
     """Arrays are channel-last: images [H, W, 3] / [B, H, W, 3], masks [H, W(, 1)] / [B, H, W(, 1)]."""
+    channels = (3,) if what == "image" else (1, 3)
     layouts = ("[H, W, 3] or [B, H, W, 3]" if what == "image"
                else "[H, W], [H, W, 1], [H, W, 3] or [B, H, W(, 1)]")
-    channels = (3,) if what == "image" else (1, 3)
-    image_rank = what == "image" and array.ndim in (3, 4)
-    if (image_rank or array.ndim == 4) and array.shape[-1] not in channels:
-        first = array.shape[-3] in channels  # [C, H, W] or [B, C, H, W]
-        hint = (": channels first, PyTorch's layout; move them last, e.g. np.moveaxis(x, -3, -1)"
-                if first else "")
-        raise ValueError(f"{what} array has shape {array.shape}; jaxsd takes {layouts}{hint}")
-    if array.ndim not in (2, 3, 4):
-        raise ValueError(f"{what} array has shape {array.shape}; jaxsd takes {layouts}")
+    has_channels = array.ndim == 4 or (what == "image" and array.ndim == 3)
+    if array.ndim in (2, 3, 4) and not (has_channels and array.shape[-1] not in channels):
+        return
+    first = has_channels and array.shape[-3] in channels  # [C, H, W] or [B, C, H, W]
+    hint = ": channels first, PyTorch's layout; move them last, e.g. np.moveaxis(x, -3, -1)" if first else ""
+    raise ValueError(f"{what} array has shape {array.shape}; jaxsd takes {layouts}{hint}")
 
 
 def image_size(image, what: str = "image") -> tuple[int, int]:
@@ -86,11 +84,7 @@ def _to_pil(array: np.ndarray) -> Image.Image:
 def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
     """The source row (or column) of each output one in torch's "nearest" F.interpolate:
     min(floor(i * scale), size_in - 1) with scale = size_in / size_out, in float32 as torch
-    computes it (output i of an exact 2x upscale reads i // 2)."""
-    if size_out == size_in:
-        return np.arange(size_out)
-    if size_out == 2 * size_in:
-        return np.arange(size_out) // 2
+    computes it (torch's shortcuts for the same size and an exact 2x give the same indices)."""
     scale = np.float32(size_in) / np.float32(size_out)
     return np.minimum(np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64), size_in - 1)
 
